@@ -1,0 +1,27 @@
+# Two entry points, both self-contained on a fresh machine:
+#   make train   set up .venv, then train the default config (real chitchat corpus, 2 CPU cores)
+#   make test    set up .venv, then run the test suite
+PYTHON ?= $(shell command -v python3.12 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/default
+PYTEST_ARGS ?=
+
+.PHONY: setup train test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[test]"
+	touch $@
+
+train: setup
+	$(PY) train.py --config configs/default.py --workdir $(WORKDIR)
+
+test: setup
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

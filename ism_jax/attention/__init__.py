@@ -1,0 +1,85 @@
+"""One attention entry point, many implementations.
+
+    out_BTHD = attention(q_BTHD, k_BSKD, v_BSKD, ranges, impl="auto")
+
+``ranges`` is an :class:`ism_jax.masks.MaskRanges` (the O(T) mask form), so every implementation serves
+all three mask kinds. Implementations:
+
+=============  =================================================================================
+``xla``        dense ``[B, T, S]`` mask, plain XLA (reference; any backend)
+``xla_chunked``query chunks under ``jax.checkpoint``; never builds the full ``[T, S]`` mask (CPU default)
+``pallas_gpu`` block-sparse Pallas kernel for NVIDIA GPUs (GPU default)
+``pallas_tpu`` block-sparse Pallas kernel for TPUs (TPU default)
+=============  =================================================================================
+
+``impl="auto"`` picks by the default backend. The Pallas kernels need both range pairs (``q_lo``/``q_hi``
+for the backward pass) and equal query and key lengths; calls that do not fit them (decoding against a KV
+cache) fall back to ``xla``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import jax
+
+from ism_jax.attention.xla import chunked_attention, dense_attention
+from ism_jax.masks import MaskRanges
+
+IMPLEMENTATIONS = ("auto", "xla", "xla_chunked", "pallas_gpu", "pallas_tpu")
+
+# Kernel modules are imported lazily: they pull in backend-specific Pallas code.
+_KERNEL_MODULES = {
+    "pallas_gpu": "ism_jax.attention.pallas_gpu",
+    "pallas_tpu": "ism_jax.attention.pallas_tpu",
+}
+_AUTO_BY_BACKEND = {"cpu": "xla_chunked", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}
+
+
+def resolve_impl(impl: str) -> str:
+  """Maps ``"auto"`` to the implementation for the default backend; validates names."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+  if impl == "auto":
+    return _AUTO_BY_BACKEND.get(jax.default_backend(), "xla_chunked")
+  return impl
+
+
+def _implementation(impl: str) -> Callable:
+  if impl == "xla":
+    return dense_attention
+  if impl == "xla_chunked":
+    return chunked_attention
+  return importlib.import_module(_KERNEL_MODULES[impl]).attention
+
+
+def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: MaskRanges, *,
+              impl: str = "auto", scale: float | None = None) -> jax.Array:
+  """Masked multi-head attention with grouped KV heads.
+
+  Args:
+    q_BTHD: queries ``[batch, query_len, heads, head_dim]``.
+    k_BSKD, v_BSKD: keys and values ``[batch, key_len, kv_heads, head_dim]``; ``heads % kv_heads == 0``.
+    ranges: the mask as per-query key ranges (and per-key query ranges for the kernels).
+    impl: one of ``IMPLEMENTATIONS``.
+    scale: logit scale, default ``head_dim ** -0.5``.
+
+  Returns:
+    ``[batch, query_len, heads, head_dim]`` in ``q``'s dtype.
+  """
+  if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.shape != k_BSKD.shape:
+    raise ValueError(
+        f"attention expects q [B, T, H, D] and k, v [B, S, K, D] of equal shape; got q {q_BTHD.shape}, "
+        f"k {k_BSKD.shape}, v {v_BSKD.shape}"
+    )
+  if ranges.k_lo.shape != q_BTHD.shape[:2]:
+    raise ValueError(f"ranges.k_lo has shape {ranges.k_lo.shape}, expected {q_BTHD.shape[:2]}")
+  impl = resolve_impl(impl)
+  kernel_fits = ranges.q_lo is not None and q_BTHD.shape[1] == k_BSKD.shape[1]
+  if impl.startswith("pallas") and not kernel_fits:
+    impl = "xla"
+  return _implementation(impl)(q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale)
+
+
+__all__ = ["IMPLEMENTATIONS", "attention", "chunked_attention", "dense_attention", "resolve_impl"]
