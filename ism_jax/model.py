@@ -1,0 +1,337 @@
+"""A decoder-only transformer of the Llama / Qwen2 family in Flax NNX, with ISM, causal and prefix masks.
+
+    model = Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    logits_BTV = model(tokens_BT, segment_types_BT)              # ISM mask, one dialogue per row
+    logits_BTV = model(tokens_BT, segment_types_BT, segment_ids_BT, kind="causal")
+
+Pieces: token embedding, RMSNorm, rotary position embedding (positions restart in every packed dialogue),
+grouped-query attention with optional QKV bias, SwiGLU MLP, tied or untied output embedding. Parameters are
+float32 and carry ``logical_axes`` metadata for :mod:`ism_jax.sharding`; compute runs in ``compute_dtype``.
+Layers are either a list of blocks or one block with stacked parameters run under ``jax.lax.scan``, each
+optionally rematerialised.
+
+The mask is built once per call as :class:`ism_jax.masks.MaskRanges` (O(T)) and shared by every layer; the
+attention implementation (dense XLA, chunked XLA, Pallas GPU/TPU kernels) is picked by
+``ModelConfig.attention_impl``. :meth:`Transformer.forward` is the lower-level entry that also reads and
+writes a KV cache for multi-turn inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ism_jax import sharding
+from ism_jax.attention import IMPLEMENTATIONS, attention
+from ism_jax.masks import (
+    MASK_KINDS,
+    MaskRanges,
+    check_segment_arrays,
+    default_segment_ids,
+    make_attention_ranges,
+    positions_from_segment_ids,
+)
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a :class:`Transformer`. Defaults give a small Llama-style model."""
+
+  vocab_size: int = 32_000
+  embed_dim: int = 512  # model width D
+  num_layers: int = 8
+  num_heads: int = 8  # query heads H
+  num_kv_heads: int = 8  # key/value heads K (grouped-query attention when K < H)
+  head_dim: int = 64
+  mlp_dim: int = 1536  # SwiGLU hidden width
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  qkv_bias: bool = False  # Qwen2 uses biases on q, k, v
+  tie_embeddings: bool = False  # output projection = embedding table transposed
+  init_std: float = 0.02
+  param_dtype: str = "float32"
+  compute_dtype: str = "bfloat16"
+  mask: str = "ism"  # default mask kind: "ism" | "causal" | "prefix"
+  attention_impl: str = "auto"  # see ism_jax.attention.IMPLEMENTATIONS
+  scan_layers: bool = False  # one stacked block under jax.lax.scan (faster compiles for deep models)
+  remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+
+  def __post_init__(self):
+    problems = []
+    if self.num_heads % self.num_kv_heads:
+      problems.append(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+    if self.mask not in MASK_KINDS:
+      problems.append(f"mask={self.mask!r} must be one of {MASK_KINDS}")
+    if self.attention_impl not in IMPLEMENTATIONS:
+      problems.append(f"attention_impl={self.attention_impl!r} must be one of {IMPLEMENTATIONS}")
+    if self.remat_policy not in REMAT_POLICIES:
+      problems.append(f"remat_policy={self.remat_policy!r} must be one of {REMAT_POLICIES}")
+    for field in ("param_dtype", "compute_dtype"):
+      if getattr(self, field) not in _DTYPES:
+        problems.append(f"{field}={getattr(self, field)!r} must be one of {tuple(_DTYPES)}")
+    for field in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+      if getattr(self, field) <= 0:
+        problems.append(f"{field}={getattr(self, field)} must be positive")
+    if problems:
+      raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+  @classmethod
+  def tiny(cls, **overrides) -> "ModelConfig":
+    """A few-thousand-parameter model for tests."""
+    fields = dict(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                  mlp_dim=64, compute_dtype="float32", attention_impl="xla")
+    return cls(**{**fields, **overrides})
+
+  @property
+  def dtype(self):
+    return _DTYPES[self.compute_dtype]
+
+  @property
+  def weight_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  def num_params(self) -> int:
+    """Parameter count (embedding included once when tied)."""
+    d, h, k, hd, m = self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
+    attn = d * hd * (2 * h + 2 * k) + (hd * (h + 2 * k) if self.qkv_bias else 0)
+    block = attn + 3 * d * m + 2 * d
+    head = 0 if self.tie_embeddings else d * self.vocab_size
+    return self.vocab_size * d + self.num_layers * block + d + head
+
+
+def _param(rngs: nnx.Rngs, config: ModelConfig, shape, logical_axes, init=None) -> nnx.Param:
+  init = init or jax.nn.initializers.normal(config.init_std)
+  value = init(rngs.params(), shape, config.weight_dtype)
+  return nnx.Param(value, logical_axes=logical_axes)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square layer norm, computed in float32."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.scale = _param(rngs, config, (config.embed_dim,), ("act_embed",), jax.nn.initializers.ones)
+    self.eps = config.norm_eps
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    x = x_BTD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(x_BTD.dtype)
+
+
+def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, "rotate half" layout (as in Hugging Face Llama/Qwen2)."""
+  half = x_BTHD.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  cos, sin = jnp.cos(angles_BTF)[:, :, None], jnp.sin(angles_BTF)[:, :, None]
+  x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BTHD.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerCache:
+  """Keys and values of one layer for every cache slot: ``[B, S, K, Dh]`` each (S = cache length)."""
+
+  k: jax.Array
+  v: jax.Array
+
+
+def _write_rows(cache_BSKD: jax.Array, new_BTKD: jax.Array, start_B: jax.Array) -> jax.Array:
+  """Writes ``new`` into every row of the cache at that row's own offset."""
+  write = lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0)
+  return jax.vmap(write)(cache_BSKD, new_BTKD.astype(cache_BSKD.dtype), start_B)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with rotary embeddings and an optional KV cache."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    d, h, k, hd = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
+    self.config = config
+    self.q_proj = _param(rngs, config, (d, h, hd), ("embed", "heads", "head_dim"))
+    self.k_proj = _param(rngs, config, (d, k, hd), ("embed", "kv_heads", "head_dim"))
+    self.v_proj = _param(rngs, config, (d, k, hd), ("embed", "kv_heads", "head_dim"))
+    self.o_proj = _param(rngs, config, (h, hd, d), ("heads", "head_dim", "embed"))
+    if config.qkv_bias:
+      zeros = jax.nn.initializers.zeros
+      self.q_bias = _param(rngs, config, (h, hd), ("heads", "head_dim"), zeros)
+      self.k_bias = _param(rngs, config, (k, hd), ("kv_heads", "head_dim"), zeros)
+      self.v_bias = _param(rngs, config, (k, hd), ("kv_heads", "head_dim"), zeros)
+
+  def _project(self, x_BTD, name: str) -> jax.Array:
+    dtype = self.config.dtype
+    y = jnp.einsum("btd,dhk->bthk", x_BTD, getattr(self, f"{name}_proj")[...].astype(dtype))
+    if self.config.qkv_bias:
+      y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
+    return y
+
+  def __call__(self, x_BTD, positions_BT, ranges: MaskRanges, cache: LayerCache | None = None,
+               write_index_B: jax.Array | None = None):
+    config = self.config
+    q_BTHD = apply_rope(self._project(x_BTD, "q"), positions_BT, config.rope_theta)
+    k_BTKD = apply_rope(self._project(x_BTD, "k"), positions_BT, config.rope_theta)
+    v_BTKD = self._project(x_BTD, "v")
+    if cache is not None:
+      cache = LayerCache(_write_rows(cache.k, k_BTKD, write_index_B), _write_rows(cache.v, v_BTKD, write_index_B))
+      k_BTKD, v_BTKD = cache.k.astype(q_BTHD.dtype), cache.v.astype(q_BTHD.dtype)
+    out_BTHD = attention(q_BTHD, k_BTKD, v_BTKD, ranges, impl=config.attention_impl)
+    out_BTD = jnp.einsum("bthk,hkd->btd", out_BTHD, self.o_proj[...].astype(config.dtype))
+    return out_BTD, cache
+
+
+class SwiGLU(nnx.Module):
+  """``down(silu(gate(x)) * up(x))``."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    d, m = config.embed_dim, config.mlp_dim
+    self.config = config
+    self.gate_proj = _param(rngs, config, (d, m), ("embed", "mlp"))
+    self.up_proj = _param(rngs, config, (d, m), ("embed", "mlp"))
+    self.down_proj = _param(rngs, config, (m, d), ("mlp", "embed"))
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    dtype = self.config.dtype
+    gate_BTM = x_BTD @ self.gate_proj[...].astype(dtype)
+    up_BTM = x_BTD @ self.up_proj[...].astype(dtype)
+    hidden_BTM = sharding.constrain(jax.nn.silu(gate_BTM) * up_BTM, ("batch", "length", "mlp"))
+    return hidden_BTM @ self.down_proj[...].astype(dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(config, rngs=rngs)
+    self.attn = Attention(config, rngs=rngs)
+    self.mlp_norm = RMSNorm(config, rngs=rngs)
+    self.mlp = SwiGLU(config, rngs=rngs)
+
+  def __call__(self, x_BTD, positions_BT, ranges, cache=None, write_index_B=None):
+    attn_out_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, ranges, cache, write_index_B)
+    x_BTD = x_BTD + attn_out_BTD
+    x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    return sharding.constrain(x_BTD, ("batch", "length", "act_embed")), cache
+
+
+def _remat(fn, policy: str):
+  if policy == "none":
+    return fn
+  policies = {
+      "full": None,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  }
+  return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model; see the module docstring."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = _param(rngs, config, (config.vocab_size, config.embed_dim), ("vocab", "embed"))
+    if config.scan_layers:
+      self.blocks = _stacked_blocks(config, rngs)
+    else:
+      self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config, rngs=rngs)
+    if not config.tie_embeddings:
+      self.lm_head = _param(rngs, config, (config.embed_dim, config.vocab_size), ("embed", "vocab"))
+
+  def __call__(self, tokens, segment_types, segment_ids=None, positions=None, kind: str | None = None):
+    """Logits ``[B, T, V]`` (float32) for a batch of (packed) dialogues.
+
+    Args:
+      tokens, segment_types: ``[B, T]`` int arrays (DESIGN.md §2 data contract).
+      segment_ids: ``[B, T]`` dialogue ids for packed rows (0 = padding); ``None``: one dialogue per row.
+      positions: ``[B, T]`` position within each dialogue; derived from ``segment_ids`` when ``None``.
+      kind: mask kind, default ``config.mask``.
+    """
+    check_segment_arrays(segment_types, segment_ids, tokens=tokens, positions=positions)
+    kind = self.config.mask if kind is None else kind
+    ranges = make_attention_ranges(segment_types, segment_ids, kind)
+    if positions is None:
+      ids = default_segment_ids(segment_types) if segment_ids is None else segment_ids
+      positions = positions_from_segment_ids(ids)
+    logits_BTV, _ = self.forward(tokens, positions, ranges)
+    return logits_BTV
+
+  def forward(self, tokens_BT, positions_BT, ranges: MaskRanges, cache: list[LayerCache] | None = None,
+              write_index_B: jax.Array | None = None):
+    """The network on explicit positions and mask ranges, optionally through a KV cache.
+
+    With ``cache`` (one :class:`LayerCache` per layer, or one with a leading layer axis when layers are
+    scanned), the new keys/values of row ``b`` are written at slots ``write_index_B[b] + t`` and the queries
+    attend over the whole cache; ``ranges`` then index cache slots. Returns ``(logits_BTV, cache)``.
+    """
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.config.dtype)
+    x_BTD = sharding.constrain(x_BTD, ("batch", "length", "act_embed"))
+    if self.config.scan_layers:
+      x_BTD, cache = self._scan_blocks(x_BTD, positions_BT, ranges, cache, write_index_B)
+    else:
+      new_cache = []
+      for i, block in enumerate(self.blocks):
+        run = _remat(functools.partial(_call_block, block), self.config.remat_policy)
+        x_BTD, layer_cache = run(x_BTD, positions_BT, ranges, None if cache is None else cache[i],
+                                 write_index_B)
+        new_cache.append(layer_cache)
+      cache = None if cache is None else new_cache
+    return self.logits(self.final_norm(x_BTD)), cache
+
+  def logits(self, x_BTD: jax.Array) -> jax.Array:
+    """Output projection of final hidden states to float32 vocabulary logits."""
+    head_DV = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(self.config.dtype),
+                            preferred_element_type=jnp.float32)
+    return sharding.constrain(logits_BTV, ("batch", "length", "vocab"))
+
+  def _scan_blocks(self, x_BTD, positions_BT, ranges, cache, write_index_B):
+    graphdef, state = nnx.split(self.blocks)
+
+    def body(x, layer):
+      layer_state, layer_cache = layer
+      y, new_cache = _call_block(nnx.merge(graphdef, layer_state), x, positions_BT, ranges, layer_cache,
+                                 write_index_B)
+      return y, new_cache
+
+    body = _remat(body, self.config.remat_policy)
+    x_BTD, cache = jax.lax.scan(body, x_BTD, (state, cache))
+    return x_BTD, cache
+
+
+def _call_block(block: Block, x, positions, ranges, cache, write_index):
+  return block(x, positions, ranges, cache, write_index)
+
+
+def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """One :class:`Block` whose parameters have a leading ``layers`` axis of size ``num_layers``."""
+
+  @nnx.split_rngs(splits=config.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0,
+            transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+  def create(rngs: nnx.Rngs) -> Block:
+    return Block(config, rngs=rngs)
+
+  return create(rngs)
+
+
+def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype: Any = None):
+  """A zeroed KV cache: a list of :class:`LayerCache` (or one stacked on a leading axis when scanned)."""
+  dtype = config.dtype if dtype is None else dtype
+  shape = (batch_size, cache_len, config.num_kv_heads, config.head_dim)
+  if config.scan_layers:
+    shape = (config.num_layers, *shape)
+    return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+  return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]

@@ -1,0 +1,178 @@
+"""The Transformer: the ISM property, overfitting, scan/unscanned parity, sharding, KV-cache consistency."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from ism_jax import ModelConfig, SegmentType, Transformer, make_attention_ranges, sharding
+from ism_jax.masks import MaskRanges
+from ism_jax.model import init_cache
+from tests import layouts
+
+
+def _dialogue(rng, rounds: int, vocab: int = 64):
+  """Tokens and segment types of a random dialogue of ``rounds`` rounds: [1, T] int32 each."""
+  types = []
+  for _ in range(rounds):
+    types += [SegmentType.QUERY] * int(rng.integers(2, 6)) + [SegmentType.ANSWER] * int(rng.integers(2, 6))
+  tokens = rng.integers(1, vocab, size=len(types))
+  return jnp.asarray(tokens[None], jnp.int32), jnp.asarray(np.array(types)[None], jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  return Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+
+
+def test_logits_shape_and_dtype(tiny_model, packed_batch):
+  b = {k: jnp.asarray(v) for k, v in packed_batch.items()}
+  logits = tiny_model(b["tokens"], b["segment_types"], b["segment_ids"], b["positions"])
+  assert logits.shape == (4, 48, 64) and logits.dtype == jnp.float32
+  # Positions default to restarting in each packed dialogue.
+  np.testing.assert_allclose(tiny_model(b["tokens"], b["segment_types"], b["segment_ids"]), logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, unchanged", [("ism", True), ("causal", True), ("prefix", False)])
+def test_appending_rounds_keeps_earlier_logits_only_for_ism_and_causal(tiny_model, kind, unchanged):
+  rng = np.random.default_rng(7)
+  tokens, types = _dialogue(rng, rounds=5)
+  short = 0
+  for _ in range(2):  # first two rounds: find where round 3 starts
+    short += int(np.argmax(np.asarray(types[0, short:]) == SegmentType.ANSWER))
+    short += int(np.argmax(np.asarray(types[0, short:]) == SegmentType.QUERY))
+  full = tiny_model(tokens, types, kind=kind)[:, :short]
+  prefix_only = tiny_model(tokens[:, :short], types[:, :short], kind=kind)
+  diff = float(jnp.abs(full - prefix_only).max())
+  if unchanged:
+    assert diff <= 1e-5, diff
+  else:
+    assert diff > 1e-3, diff
+
+
+def _loss(model, batch):
+  logits = model(batch["tokens"], batch["segment_types"], batch["segment_ids"], batch["positions"])
+  targets = jnp.roll(batch["tokens"], -1, axis=1)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(nll * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
+
+
+def _with_answer_loss(batch):
+  types, ids = batch["segment_types"], batch["segment_ids"]
+  next_is_answer = np.roll(types, -1, axis=1) == SegmentType.ANSWER
+  same_dialogue = (np.roll(ids, -1, axis=1) == ids) & (ids != 0)
+  loss_mask = (next_is_answer & same_dialogue).astype(np.int32)
+  loss_mask[:, -1] = 0
+  return {**{k: jnp.asarray(v) for k, v in batch.items()}, "loss_mask": jnp.asarray(loss_mask)}
+
+
+def test_loss_decreases_on_tiny_overfit_batch(packed_batch):
+  model = Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(1))
+  batch = _with_answer_loss(packed_batch)
+  graphdef, params = nnx.split(model, nnx.Param)
+  optimizer = optax.adam(1e-2)
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p), batch))(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  losses = []
+  for _ in range(40):
+    params, opt_state, loss = step(params, opt_state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.3 * losses[0], losses
+
+
+def _stack_blocks(unscanned: Transformer, scanned: Transformer) -> None:
+  """Copies an unscanned model's parameters into a scanned model (layers stacked on axis 0)."""
+  layers = [nnx.state(block, nnx.Param) for block in unscanned.blocks]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  nnx.update(scanned.blocks, stacked)
+  for name in ("embed", "lm_head"):
+    getattr(scanned, name)[...] = getattr(unscanned, name)[...]
+  nnx.update(scanned.final_norm, nnx.state(unscanned.final_norm))
+
+
+@pytest.mark.parametrize("remat_policy", ["none", "full"])
+def test_scanned_layers_give_the_same_logits(tiny_model, packed_batch, remat_policy):
+  scanned = Transformer(ModelConfig.tiny(scan_layers=True, remat_policy=remat_policy), rngs=nnx.Rngs(99))
+  _stack_blocks(tiny_model, scanned)
+  batch = _with_answer_loss(packed_batch)
+  np.testing.assert_allclose(scanned(batch["tokens"], batch["segment_types"], batch["segment_ids"]),
+                             tiny_model(batch["tokens"], batch["segment_types"], batch["segment_ids"]),
+                             atol=1e-5)
+  grads_scanned = nnx.grad(_loss)(scanned, batch)
+  grads_plain = nnx.grad(_loss)(tiny_model, batch)
+  np.testing.assert_allclose(grads_scanned["blocks"]["mlp"]["up_proj"][...][1],
+                             grads_plain["blocks"][1]["mlp"]["up_proj"][...], atol=1e-5)
+
+
+def test_sharded_on_8_devices_matches_one_device(packed_batch):
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
+  config = ModelConfig.tiny(vocab_size=64)
+  batch = layouts.random_packed_batch(np.random.default_rng(5), batch=8, length=32)
+  batch = _with_answer_loss(batch)
+  reference = Transformer(config, rngs=nnx.Rngs(3))
+  expected_loss = _loss(reference, batch)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  model = sharding.create_sharded(lambda: Transformer(config, rngs=nnx.Rngs(3)), mesh)
+  assert model.blocks[0].mlp.up_proj[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  graphdef, state = nnx.split(model)
+  with jax.set_mesh(mesh):
+    sharded = jax.device_put(batch, sharding.batch_sharding(mesh))
+    loss = jax.jit(lambda s, b: _loss(nnx.merge(graphdef, s), b))(state, sharded)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+
+
+def test_mesh_errors_name_the_sizes():
+  with pytest.raises(ValueError, match=r"needs 6 devices, found 8"):
+    sharding.make_mesh(data=3, fsdp=2, tensor=1)
+  with pytest.raises(ValueError, match="at most one may be -1"):
+    sharding.make_mesh(data=-1, fsdp=-1)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_kv_cache_forward_equals_full_forward(scan_layers):
+  """Query blocks prefilled in one step and answers decoded token by token reproduce the full pass."""
+  config = ModelConfig.tiny(scan_layers=scan_layers)
+  model = Transformer(config, rngs=nnx.Rngs(4))
+  tokens, types = _dialogue(np.random.default_rng(11), rounds=3)
+  length = tokens.shape[1]
+  full = model(tokens, types)
+  ranges = make_attention_ranges(types)  # rows of earlier tokens never depend on later ones under ISM
+  positions = jnp.arange(length, dtype=jnp.int32)[None]
+  cache = init_cache(config, batch_size=1, cache_len=length + 3)
+  # Chunks: each query block whole, each answer token alone.
+  t, chunks = np.asarray(types[0]), []
+  start = 0
+  while start < length:
+    end = start + 1
+    if t[start] == SegmentType.QUERY:
+      while end < length and t[end] == SegmentType.QUERY:
+        end += 1
+    chunks.append((start, end))
+    start = end
+  for start, end in chunks:
+    chunk_ranges = MaskRanges(k_lo=ranges.k_lo[:, start:end], k_hi=ranges.k_hi[:, start:end])
+    logits, cache = model.forward(tokens[:, start:end], positions[:, start:end], chunk_ranges, cache,
+                                  jnp.array([start], jnp.int32))
+    np.testing.assert_allclose(logits, full[:, start:end], atol=1e-5)
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
+    ModelConfig.tiny(num_heads=6, num_kv_heads=4)
+  with pytest.raises(ValueError, match="mask='full' must be one of"):
+    ModelConfig.tiny(mask="full")
+
+
+def test_num_params_matches_the_model():
+  for tie in (False, True):
+    config = ModelConfig.tiny(tie_embeddings=tie, qkv_bias=tie)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == config.num_params()
