@@ -7,10 +7,10 @@ Every dataset stores dialogues as text, one example per dialogue::
 so the tokenizer can change without rebuilding. Splits are ``train`` and ``validation``, assigned
 deterministically. Builders:
 
-* ``chitchat``: the Chit-Chat Challenge corpus shipped by the ``chitchat_dataset`` package (MIT; 7,168
-  two-person conversations). The speaker who opens a conversation is the user side; one speaker's
-  consecutive chat lines form one message (joined by newlines). 5% of conversations (by a hash of their id)
-  are validation.
+* ``chitchat``: the Chit-Chat Challenge corpus shipped by the ``chitchat_dataset`` package (MIT). Of its
+  7,168 conversations the 4,018 with two speakers are kept (3,821 train / 197 validation). The speaker who
+  opens a conversation is the user side; one speaker's consecutive chat lines form one message (joined by
+  newlines). 5% of conversations (by a hash of their id) are validation.
 * ``synthetic_multiturn``: the seeded task of :mod:`ism_jax.data.synthetic`; configs ``default`` (20,000
   train / 1,000 validation) and ``small`` (2,000 / 200), or any :class:`SyntheticConfig`.
 * user JSONL data: :func:`write_dialogues` (used by :mod:`ism_jax.data.import_jsonl`).
@@ -147,7 +147,8 @@ class Chitchat(DialogueBuilder):
   """The Chit-Chat Challenge corpus (``chitchat_dataset`` package, MIT), read offline."""
 
   DESCRIPTION = ("Chit-Chat Challenge two-person conversations (PyPI chitchat-dataset, MIT). The opening "
-                 "speaker is the user side; 5% of conversations (crc32 of the id) are validation.")
+                 "speaker is the user side; single-speaker conversations are left out; 5% of conversations "
+                 "(crc32 of the id) are validation.")
   VALIDATION_PERCENT = 5
 
   def dialogues(self, split):

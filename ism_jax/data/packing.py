@@ -119,10 +119,10 @@ _log = logging.getLogger(__name__)
 
 
 def prepare_examples(dialogue: EncodedDialogue, seq_len: int, loss_on: str = "all", triplets: bool = False,
-                     stats: PackingStats | None = None) -> list[EncodedDialogue]:
+                     stats: PackingStats | None = None, log: bool = True) -> list[EncodedDialogue]:
   """Applies the loss policy, truncation and (optionally) triplet expansion to one dialogue.
 
-  Updates ``stats`` and logs the first truncation and every tenfold count after it.
+  Updates ``stats`` and (if ``log``) logs the first truncation and every tenfold count after it.
   """
   stats = PackingStats() if stats is None else stats
   stats.dialogues += 1
@@ -134,7 +134,7 @@ def prepare_examples(dialogue: EncodedDialogue, seq_len: int, loss_on: str = "al
     else:
       stats.truncated_dialogues += 1
     events = stats.dropped_dialogues + stats.truncated_dialogues
-    if events in (1, 10, 100, 1000, 10_000, 100_000):
+    if log and events in (1, 10, 100, 1000, 10_000, 100_000):
       _log.info("truncation to seq_len=%d so far: %d dialogues shortened, %d dropped whole, %d rounds "
                 "removed (of %d dialogues)", seq_len, stats.truncated_dialogues, stats.dropped_dialogues,
                 stats.dropped_rounds, stats.dialogues)

@@ -63,11 +63,11 @@ class ChatTokenizer:
 
   @classmethod
   def train(cls, texts: Iterable[str], vocab_size: int, model_path: str | None = None,
-            max_sentences: int = 500_000, seed: int = 0) -> "ChatTokenizer":
+            max_sentences: int = 500_000) -> "ChatTokenizer":
     """Trains a BPE model on ``texts`` (one message content per item) and optionally saves it.
 
     The vocabulary is a soft limit: a small corpus yields fewer pieces than ``vocab_size`` rather than an
-    error. At most ``max_sentences`` texts are sampled (deterministically) for training. 1–8k pieces train
+    error. Only the first ``max_sentences`` texts are used, so training is deterministic. 1–8k pieces train
     in about a second per 10 MB of text.
 
     Args:
@@ -85,7 +85,7 @@ class ChatTokenizer:
         control_symbols=[EOT] + list(ROLE_TOKENS.values()), byte_fallback=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
         character_coverage=0.9995, hard_vocab_limit=False, input_sentence_size=max_sentences,
-        shuffle_input_sentence=True, max_sentence_length=_MAX_TRAIN_SENTENCE_BYTES * 2, random_seed=seed,
+        shuffle_input_sentence=False, max_sentence_length=_MAX_TRAIN_SENTENCE_BYTES * 2,
         num_threads=max(1, min(4, os.cpu_count() or 1)), minloglevel=2,
     )
     tokenizer = cls(buffer.getvalue())

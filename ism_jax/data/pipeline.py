@@ -1,0 +1,200 @@
+"""The input pipeline: TFDS data source → grain → packed numpy batches of the DESIGN.md §2 arrays.
+
+Training::
+
+    source (array_record, random access)
+      → this host's shard: records shard_index, shard_index + shard_count, ...
+      → shuffle (seed; a new permutation every epoch: epoch e uses seed + e) → repeat (num_epochs)
+      → record → messages → chat template tokens          (reader threads)
+      → loss policy, truncation, [triplets for prefix]    → first-fit packing → batch
+
+Every batch is a dict of int32 numpy arrays ``[batch_size, seq_len]``: ``tokens``, ``segment_types``,
+``segment_ids``, ``positions``, ``loss_mask``, ``round_index`` (see :mod:`ism_jax.data.packing`).
+``batch_size`` is per host. The train iterator is a grain ``DatasetIterator``: ``get_state()`` gives a small
+JSON-serialisable dict, and ``set_state(state)`` on a fresh iterator of the same config resumes exactly.
+
+Example::
+
+    config = PipelineConfig(name="synthetic_multiturn/small", data_dir="/tmp/ism_data", seq_len=256,
+                            batch_size=8)
+    prepare_data(config)                     # builds the dataset if missing (process 0 on multi-host)
+    tokenizer = load_tokenizer(config)       # trained once on the train split, cached next to the data
+    train = make_train_iterator(config, tokenizer)
+    batch = next(train)                      # {"tokens": int32[8, 256], ...}
+    state = train.get_state()                # store with the model checkpoint
+    evals = make_eval_batches(config, tokenizer)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Mapping
+
+import grain
+import numpy as np
+
+from ism_jax.data import builders, packing
+from ism_jax.data.chat_template import encode_dialogue
+from ism_jax.data.dialogue import Message
+from ism_jax.data.packed_iterator import PackedBatchIterDataset, PackedBatchIterator
+from ism_jax.data.tokenizer import ChatTokenizer
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """Everything the input pipeline needs. ``from_mapping`` accepts an ml_collections ``ConfigDict``."""
+
+  name: str                           # dataset: "chitchat", "synthetic_multiturn[/small]", or an imported name
+  data_dir: str                       # TFDS data directory
+  seq_len: int = 512                  # tokens per row
+  batch_size: int = 8                 # rows per batch, per host
+  loss_on: str = "all"                # "all" answers, or "last" answer of each dialogue
+  triplets: bool = False              # prefix-LM baseline: expand each dialogue into one example per round
+  seed: int = 0                       # shuffle seed (epoch e shuffles with seed + e)
+  num_epochs: int | None = None       # None repeats forever
+  shard_index: int | None = None      # this host's shard; None → jax.process_index()
+  shard_count: int | None = None      # number of shards; None → jax.process_count()
+  vocab_size: int = 4000              # tokenizer size when training one
+  tokenizer_path: str | None = None   # load this .model instead of training/caching one
+  num_threads: int = 2                # reader threads (tokenization runs there)
+  prefetch: int = 64                  # dialogues read ahead
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> "PipelineConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"unknown data config fields {unknown}; known: {sorted(names)}")
+    return cls(**dict(values))
+
+  def shard(self) -> tuple[int, int]:
+    """``(shard_index, shard_count)``, defaulting to this JAX process and the process count."""
+    if self.shard_index is not None and self.shard_count is not None:
+      index, count = self.shard_index, self.shard_count
+    else:
+      import jax  # pylint: disable=import-outside-toplevel
+      index = jax.process_index() if self.shard_index is None else self.shard_index
+      count = jax.process_count() if self.shard_count is None else self.shard_count
+    if not 0 <= index < count:
+      raise ValueError(f"shard_index must be in [0, shard_count), got {index} of {count}")
+    return index, count
+
+
+def prepare_data(config: PipelineConfig) -> None:
+  """Builds ``chitchat`` / ``synthetic_multiturn[/config]`` under ``data_dir`` if missing.
+
+  Imported datasets must already exist (``python -m ism_jax.data.import_jsonl``).
+  """
+  if os.path.isdir(builders.dataset_dir(config.name, config.data_dir)):
+    return
+  base = config.name.partition("/")[0]
+  if base not in builders.BUILDERS:
+    builders.data_source(config.name, config.data_dir, "train")  # raises with what to do
+  builders.prepare(config.name, config.data_dir)
+
+
+def read_dialogues(config: PipelineConfig, split: str, max_dialogues: int | None = None) -> list[list[Message]]:
+  """The first ``max_dialogues`` dialogues of ``split`` in stored order, as messages (e.g. for generation)."""
+  source = builders.data_source(config.name, config.data_dir, split)
+  count = len(source) if max_dialogues is None else min(max_dialogues, len(source))
+  return [builders.record_to_messages(source[i]) for i in range(count)]
+
+
+def _training_texts(config: PipelineConfig):
+  source = builders.data_source(config.name, config.data_dir, "train")
+  for i in range(len(source)):
+    for message in builders.record_to_messages(source[i]):
+      yield message.content
+
+
+def load_tokenizer(config: PipelineConfig) -> ChatTokenizer:
+  """Loads ``config.tokenizer_path``, or the cached tokenizer of this dataset, training it if missing.
+
+  The cache is ``<dataset folder>/tokenizer_<vocab_size>.model``, trained on every message content of the
+  train split (deterministic, so hosts that train concurrently write identical files).
+  """
+  if config.tokenizer_path:
+    return ChatTokenizer.load(config.tokenizer_path)
+  path = os.path.join(builders.dataset_dir(config.name, config.data_dir), f"tokenizer_{config.vocab_size}.model")
+  if os.path.exists(path):
+    return ChatTokenizer.load(path)
+  _log.info("training a %d-piece tokenizer on %s train split -> %s", config.vocab_size, config.name, path)
+  return ChatTokenizer.train(_training_texts(config), config.vocab_size, model_path=path)
+
+
+class _Encode(grain.transforms.Map):
+  """Record → messages → :class:`EncodedDialogue` (runs in grain's reader threads)."""
+
+  def __init__(self, tokenizer: ChatTokenizer):
+    self._tokenizer = tokenizer
+
+  def map(self, record):
+    return encode_dialogue(self._tokenizer, builders.record_to_messages(record))
+
+
+def _dialogues(config: PipelineConfig, tokenizer: ChatTokenizer, split: str, shuffle: bool,
+               num_epochs: int | None, shard: tuple[int, int]) -> grain.IterDataset:
+  source = builders.data_source(config.name, config.data_dir, split)
+  index, count = shard
+  dataset = grain.MapDataset.source(source)[index::count]
+  if len(dataset) == 0:
+    raise ValueError(f"shard {index} of {count} of {config.name}/{split} is empty ({len(source)} dialogues); "
+                     "use fewer shards or more data")
+  if shuffle:
+    dataset = dataset.shuffle(seed=config.seed)
+  if num_epochs != 1:
+    dataset = dataset.repeat(num_epochs)
+  dataset = dataset.map(_Encode(tokenizer))
+  read_options = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch)
+  return dataset.to_iter_dataset(read_options)
+
+
+def make_train_iterator(config: PipelineConfig, tokenizer: ChatTokenizer,
+                        split: str = "train") -> PackedBatchIterator:
+  """The shuffled, repeated, sharded, packed training stream (see module docstring).
+
+  Returns:
+    A grain ``DatasetIterator`` of batch dicts with ``get_state``/``set_state`` and a ``stats`` attribute
+    (:class:`~ism_jax.data.packing.PackingStats`: truncation counts, fill rate).
+  """
+  dialogues = _dialogues(config, tokenizer, split, shuffle=True, num_epochs=config.num_epochs,
+                         shard=config.shard())
+  packed = PackedBatchIterDataset(dialogues, seq_len=config.seq_len, batch_size=config.batch_size,
+                                  loss_on=config.loss_on, triplets=config.triplets)
+  return iter(packed)
+
+
+def empty_batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+  """A batch of padding only (no loss): used to give every host the same number of eval batches."""
+  batch = {key: np.zeros((batch_size, seq_len), np.int32) for key in packing.BATCH_KEYS}
+  batch["round_index"][:] = -1
+  return batch
+
+
+def make_eval_batches(config: PipelineConfig, tokenizer: ChatTokenizer, split: str = "validation",
+                      max_dialogues: int | None = None) -> list[dict[str, np.ndarray]]:
+  """This host's share of one pass over ``split``, packed in stored order (no shuffle).
+
+  Every host packs the whole split (eval sets are small), then takes batches ``shard_index``,
+  ``shard_index + shard_count``, ...; hosts with fewer batches get padding-only batches, so all hosts run
+  the same number of eval steps. Truncation counts are logged.
+  """
+  source = builders.data_source(config.name, config.data_dir, split)
+  count = len(source) if max_dialogues is None else min(max_dialogues, len(source))
+  encode = _Encode(tokenizer)
+  stats = packing.PackingStats()
+  examples = (example for i in range(count)
+              for example in packing.prepare_examples(encode.map(source[i]), config.seq_len, config.loss_on,
+                                                      config.triplets, stats, log=False))
+  batches = list(packing.pack_examples(examples, config.seq_len, config.batch_size))
+  _log.info("eval %s/%s: %d dialogues -> %d batches; %d shortened, %d dropped (longer than seq_len=%d in their "
+            "first round), %d rounds removed", config.name, split, stats.dialogues, len(batches),
+            stats.truncated_dialogues, stats.dropped_dialogues, config.seq_len, stats.dropped_rounds)
+  index, shards = config.shard()
+  per_host = -(-len(batches) // shards)
+  mine = batches[index::shards]
+  return mine + [empty_batch(config.batch_size, config.seq_len) for _ in range(per_host - len(mine))]
