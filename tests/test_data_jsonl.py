@@ -6,7 +6,8 @@ import os
 import pytest
 
 from ism_jax.data import builders
-from ism_jax.data.dialogue import DataFormatError, Message, parse_openai_record, parse_sharegpt_record, read_jsonl
+from ism_jax.data.dialogue import (DataFormatError, Message, parse_openai_record, parse_sharegpt_record,
+                                   read_jsonl)
 from ism_jax.data.import_jsonl import import_jsonl, main
 
 
@@ -34,7 +35,8 @@ def test_openai_record_roles_and_content_parts():
 
 
 def test_sharegpt_record():
-  record = {"system": "be kind", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"},
+  record = {"system": "be kind", "conversations": [{"from": "human", "value": "hi"},
+                                                   {"from": "gpt", "value": "yo"},
                                                    {"from": "observation", "value": "x"}]}
   assert parse_sharegpt_record(record) == [Message("system", "be kind"), Message("user", "hi"),
                                            Message("assistant", "yo"), Message("tool", "x")]
@@ -74,7 +76,8 @@ def test_untrainable_conversations_are_skipped_and_counted(tmp_path):
 
 
 def test_error_when_nothing_is_left(tmp_path):
-  path = write_lines(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "x"}]}, {"messages": []}])
+  no_answer = {"messages": [{"role": "user", "content": "x"}]}
+  path = write_lines(tmp_path / "c.jsonl", [no_answer, {"messages": []}])
   with pytest.raises(ValueError, match="no trainable conversation"):
     read_jsonl(path, "openai")
 

@@ -17,7 +17,8 @@ def dialogue(*rounds, start=100):
     index += [k] * (q + a)
   types = np.asarray(types, np.int32)
   return EncodedDialogue(tokens=np.arange(start, start + len(types), dtype=np.int32), segment_types=types,
-                         round_index=np.asarray(index, np.int32), answer_targets=(types == 2).astype(np.int32))
+                         round_index=np.asarray(index, np.int32),
+                         answer_targets=(types == 2).astype(np.int32))
 
 
 def check_valid(batch, kinds=("ism", "causal")):

@@ -46,7 +46,8 @@ def test_consecutive_query_messages_form_one_block():
   rounds = split_rounds(messages)
   assert [len(r.query) for r in rounds] == [2, 2]
   enc = encode_dialogue(FakeTokenizer(), messages)
-  np.testing.assert_array_equal(enc.tokens, [2, 4, 80, 3, 5, 50, 3, 7, 60, 3, 6, 90, 3, 5, 70, 71, 3, 7, 70, 3])
+  np.testing.assert_array_equal(enc.tokens,
+                                [2, 4, 80, 3, 5, 50, 3, 7, 60, 3, 6, 90, 3, 5, 70, 71, 3, 7, 70, 3])
   # One QUERY run per round (the trailing user message without an answer is not encoded).
   np.testing.assert_array_equal(enc.segment_types, [1] * 8 + [2] * 2 + [1] * 8 + [2] * 2)
 

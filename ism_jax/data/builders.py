@@ -177,7 +177,8 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 class SyntheticMultiturn(DialogueBuilder):
   """The seeded multi-round memory task of :mod:`ism_jax.data.synthetic`."""
 
-  DESCRIPTION = "Synthetic multi-round task: facts from earlier rounds, operation word at the end of the query."
+  DESCRIPTION = ("Synthetic multi-round task: facts from earlier rounds, operation word at the end of the "
+                 "query.")
   BUILDER_CONFIGS = [
       SyntheticConfig(name="default", description="20,000 train / 1,000 validation dialogues, seed 0."),
       SyntheticConfig(name="small", num_train=2_000, num_validation=200,
@@ -281,7 +282,7 @@ BUILDERS = {"chitchat": Chitchat, "synthetic_multiturn": SyntheticMultiturn}
 
 
 def dataset_dir(name: str, data_dir: str) -> str:
-  """The folder of a prepared dataset, e.g. ``DIR/chitchat/1.0.0`` or ``DIR/synthetic_multiturn/small/1.0.0``."""
+  """A prepared dataset's folder, e.g. ``DIR/chitchat/1.0.0`` or ``DIR/synthetic_multiturn/small/1.0.0``."""
   return os.path.join(data_dir, *name.split("/"), VERSION)
 
 

@@ -88,7 +88,7 @@ def encode_query_block(tokenizer: ChatTokenizer, messages: Sequence[Message], *,
 
 
 def encode_answer(tokenizer: ChatTokenizer, content: str) -> list[int]:
-  """The answer side of one round: the assistant content then ``<|eot|>`` (the header is on the query side)."""
+  """The answer side of one round: assistant content, then ``<|eot|>`` (the header is on the query side)."""
   return tokenizer.encode(content) + [tokenizer.eot_id]
 
 

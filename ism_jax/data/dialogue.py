@@ -238,9 +238,9 @@ def read_jsonl(paths: str | Iterable[str], format: str = "openai") -> tuple[list
           continue
         where = f"{path}:{line_number}"
         try:
-          record = json.loads(line)
+          record = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as e:
-          raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must be "
+          raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.pos + 1}); each line must be "
                                 "one complete JSON object") from None
         messages = parse(record, where)
         problem = trainable_problem(messages)

@@ -8,8 +8,8 @@ Command line::
 then train with ``data.name = "my_chats"`` and the same ``data_dir``. Each line is one conversation::
 
     {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
-                  {"role": "assistant", "content": "..."}]}                                  # --format openai
-    {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}  # --format sharegpt
+                  {"role": "assistant", "content": "..."}]}                                  # openai
+    {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}   # sharegpt
 
 System, user and tool messages are the query side, assistant messages the answer side. A malformed line
 stops the import with ``file:line`` and the field at fault. Conversations with no messages or no assistant
@@ -31,6 +31,8 @@ import os
 import sys
 import zlib
 from typing import Sequence
+
+import tensorflow_datasets as tfds
 
 from ism_jax.data import builders
 from ism_jax.data.dialogue import FORMATS, Message, read_jsonl
@@ -107,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--validation_percent", type=int, default=5, help="share of validation (default 5)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
   args = parser.parse_args(argv)
+  tfds.disable_progress_bar()
   try:
     report = import_jsonl(args.input, args.name, os.path.expanduser(args.data_dir), args.format,
                           args.validation_percent, args.overwrite)

@@ -48,7 +48,7 @@ _log = logging.getLogger(__name__)
 class PipelineConfig:
   """Everything the input pipeline needs. ``from_mapping`` accepts an ml_collections ``ConfigDict``."""
 
-  name: str                           # dataset: "chitchat", "synthetic_multiturn[/small]", or an imported name
+  name: str                           # "chitchat", "synthetic_multiturn[/small]", or an imported dataset
   data_dir: str                       # TFDS data directory
   seq_len: int = 512                  # tokens per row
   batch_size: int = 8                 # rows per batch, per host
@@ -97,7 +97,8 @@ def prepare_data(config: PipelineConfig) -> None:
   builders.prepare(config.name, config.data_dir)
 
 
-def read_dialogues(config: PipelineConfig, split: str, max_dialogues: int | None = None) -> list[list[Message]]:
+def read_dialogues(config: PipelineConfig, split: str,
+                   max_dialogues: int | None = None) -> list[list[Message]]:
   """The first ``max_dialogues`` dialogues of ``split`` in stored order, as messages (e.g. for generation)."""
   source = builders.data_source(config.name, config.data_dir, split)
   count = len(source) if max_dialogues is None else min(max_dialogues, len(source))
@@ -119,7 +120,8 @@ def load_tokenizer(config: PipelineConfig) -> ChatTokenizer:
   """
   if config.tokenizer_path:
     return ChatTokenizer.load(config.tokenizer_path)
-  path = os.path.join(builders.dataset_dir(config.name, config.data_dir), f"tokenizer_{config.vocab_size}.model")
+  folder = builders.dataset_dir(config.name, config.data_dir)
+  path = os.path.join(folder, f"tokenizer_{config.vocab_size}.model")
   if os.path.exists(path):
     return ChatTokenizer.load(path)
   _log.info("training a %d-piece tokenizer on %s train split -> %s", config.vocab_size, config.name, path)
@@ -191,8 +193,8 @@ def make_eval_batches(config: PipelineConfig, tokenizer: ChatTokenizer, split: s
               for example in packing.prepare_examples(encode.map(source[i]), config.seq_len, config.loss_on,
                                                       config.triplets, stats, log=False))
   batches = list(packing.pack_examples(examples, config.seq_len, config.batch_size))
-  _log.info("eval %s/%s: %d dialogues -> %d batches; %d shortened, %d dropped (longer than seq_len=%d in their "
-            "first round), %d rounds removed", config.name, split, stats.dialogues, len(batches),
+  _log.info("eval %s/%s: %d dialogues -> %d batches; %d shortened, %d dropped (first round longer than "
+            "seq_len=%d), %d rounds removed", config.name, split, stats.dialogues, len(batches),
             stats.truncated_dialogues, stats.dropped_dialogues, config.seq_len, stats.dropped_rounds)
   index, shards = config.shard()
   per_host = -(-len(batches) // shards)

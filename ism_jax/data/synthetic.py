@@ -88,7 +88,8 @@ def _pick_items(rng: np.random.Generator, op: str, facts: dict[str, int], max_it
   return None
 
 
-def generate_dialogue(seed: int, split: str, index: int, task: SyntheticTask = SyntheticTask()) -> list[Message]:
+def generate_dialogue(seed: int, split: str, index: int,
+                      task: SyntheticTask = SyntheticTask()) -> list[Message]:
   """Dialogue number ``index`` of ``split`` (a pure function of its arguments)."""
   rng = np.random.default_rng([seed, _split_code(split), index])
   names = NAMES[:task.num_names]

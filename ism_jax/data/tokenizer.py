@@ -76,7 +76,8 @@ class ChatTokenizer:
       model_path: where to write the model (atomically); ``None`` keeps it in memory only.
     """
     if vocab_size < 300:
-      raise ValueError(f"vocab_size must be at least 300 (8 special tokens + 256 byte pieces), got {vocab_size}")
+      raise ValueError(f"vocab_size must be at least 300 (8 special tokens + 256 byte pieces), got "
+                       f"{vocab_size}")
     sentences = (_clip_utf8(t, _MAX_TRAIN_SENTENCE_BYTES) for t in texts if t)
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
