@@ -53,7 +53,7 @@ class PipelineConfig:
   seq_len: int = 512                  # tokens per row
   batch_size: int = 8                 # rows per batch, per host
   loss_on: str = "all"                # "all" answers, or "last" answer of each dialogue
-  triplets: bool = False              # prefix-LM baseline: expand each dialogue into one example per round
+  triplets: bool = False              # prefix-LM baseline: one example per round (loss_on is then moot)
   seed: int = 0                       # shuffle seed (epoch e shuffles with seed + e)
   num_epochs: int | None = None       # None repeats forever
   shard_index: int | None = None      # this host's shard; None → jax.process_index()
@@ -62,6 +62,14 @@ class PipelineConfig:
   tokenizer_path: str | None = None   # load this .model instead of training/caching one
   num_threads: int = 2                # reader threads (tokenization runs there)
   prefetch: int = 64                  # dialogues read ahead
+
+  def __post_init__(self):
+    if self.seq_len < 2 or self.batch_size < 1:
+      raise ValueError(f"seq_len must be >= 2 and batch_size >= 1, got {self.seq_len} and {self.batch_size}")
+    if self.loss_on not in packing.LOSS_ON:
+      raise ValueError(f"loss_on must be one of {packing.LOSS_ON}, got {self.loss_on!r}")
+    if self.num_epochs is not None and self.num_epochs < 1:
+      raise ValueError(f"num_epochs must be None (forever) or >= 1, got {self.num_epochs}")
 
   @classmethod
   def from_mapping(cls, values: Mapping[str, Any]) -> "PipelineConfig":
