@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from ism_jax.data.chat_template import EncodedDialogue
-from ism_jax.data.packing import (FirstFitPacker, PackingStats, expand_triplets, pack_examples,
-                                  prepare_examples, select_targets, truncate_rounds)
+from ism_jax.data.packing import (FirstFitPacker, PackingStats, answer_numbers, expand_triplets,
+                                  pack_examples, prepare_examples, select_targets, truncate_rounds)
 from ism_jax.masks import validate_segments
 
 
@@ -38,6 +38,7 @@ def test_packed_row_pinned_by_hand():
   np.testing.assert_array_equal(batch["loss_mask"][0], [0, 1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0])
   assert all(v.dtype == np.int32 and v.shape == (1, 12) for v in batch.values())
   check_valid(batch)
+  np.testing.assert_array_equal(answer_numbers(batch)[0], [0, 1, 1, 0, 0, 2, 0, 0, 3, 0, 0, 0])
 
 
 def test_first_fit_fills_earlier_rows_first_and_emits_when_nothing_fits():

@@ -88,6 +88,20 @@ def test_restored_iterator_yields_the_same_next_batches(data, triplets):
   assert restored.stats == original.stats
 
 
+def test_grain_checkpoint_handler_saves_and_restores_the_iterator(data, tmp_path):
+  """The Orbax handler grain ships (``grain.checkpoint.CheckpointHandler``) works on this iterator."""
+  import grain
+  from etils import epath
+  config, tokenizer = data
+  original = pipeline.make_train_iterator(config, tokenizer)
+  batches(original, 3)
+  grain.checkpoint.CheckpointHandler().save(epath.Path(tmp_path), original)
+  expected = batches(original, 5)
+  restored = grain.checkpoint.CheckpointHandler().restore(epath.Path(tmp_path),
+                                                          pipeline.make_train_iterator(config, tokenizer))
+  assert_same(batches(restored, 5), expected)
+
+
 def test_finite_epochs_end_and_every_dialogue_is_seen_once_per_epoch(data):
   config, tokenizer = data
   config = dataclasses.replace(config, num_epochs=1, seq_len=512)

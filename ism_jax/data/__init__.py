@@ -28,6 +28,7 @@ from ism_jax.data.dialogue import (
 from ism_jax.data.packing import (
     FirstFitPacker,
     PackingStats,
+    answer_numbers,
     expand_triplets,
     pack_examples,
     prepare_examples,
@@ -47,6 +48,7 @@ __all__ = [
     "QUERY_ROLES",
     "ROLES",
     "Round",
+    "answer_numbers",
     "encode_answer",
     "encode_dialogue",
     "encode_query_block",

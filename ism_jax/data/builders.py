@@ -281,9 +281,17 @@ def write_dialogues(name: str, data_dir: str, splits: Mapping[str, Sequence[tupl
 BUILDERS = {"chitchat": Chitchat, "synthetic_multiturn": SyntheticMultiturn}
 
 
+def canonical_name(name: str) -> str:
+  """Adds the default config to a builder with configs: ``synthetic_multiturn`` → ``.../default``."""
+  builder = BUILDERS.get(name)
+  if builder is not None and builder.BUILDER_CONFIGS:
+    return f"{name}/{builder.BUILDER_CONFIGS[0].name}"
+  return name
+
+
 def dataset_dir(name: str, data_dir: str) -> str:
   """A prepared dataset's folder, e.g. ``DIR/chitchat/1.0.0`` or ``DIR/synthetic_multiturn/small/1.0.0``."""
-  return os.path.join(data_dir, *name.split("/"), VERSION)
+  return os.path.join(data_dir, *canonical_name(name).split("/"), VERSION)
 
 
 def prepare(name: str, data_dir: str, config: tfds.core.BuilderConfig | None = None) -> str:
@@ -317,4 +325,4 @@ def data_source(name: str, data_dir: str, split: str):
         f"dataset {name!r} is not prepared under {data_dir} (no folder {dataset_dir(name, data_dir)}); build "
         "it with ism_jax.data.builders.prepare (chitchat, synthetic_multiturn) or import JSONL with "
         "`python -m ism_jax.data.import_jsonl`")
-  return tfds.data_source(name, data_dir=data_dir, split=split)
+  return tfds.data_source(canonical_name(name), data_dir=data_dir, split=split)

@@ -213,3 +213,18 @@ def pack_examples(examples: Iterable[EncodedDialogue], seq_len: int,
       packer.add(example)
   if not packer.is_empty:
     yield packer.finish()
+
+
+def answer_numbers(batch: dict[str, np.ndarray]) -> np.ndarray:
+  """``[rows, seq_len]`` int32: each row's trained answers numbered 1, 2, ... on their loss positions.
+
+  An answer's loss positions are contiguous (from the assistant header to the token before its end of
+  turn), so per-answer metrics such as teacher-forced exact match are a segment reduction over this array.
+  For the row of the module docstring: ``[0, 1, 1, 0, 0, 2, 0, 0, 3, 0, 0, 0]``.
+  """
+  loss = batch["loss_mask"] != 0
+  key = batch["segment_ids"].astype(np.int64) * (1 << 20) + batch["round_index"]
+  starts = loss.copy()
+  starts[:, 1:] &= ~loss[:, :-1] | (key[:, 1:] != key[:, :-1])
+  return (np.cumsum(starts, axis=1) * loss).astype(np.int32)
+
