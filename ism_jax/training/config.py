@@ -1,0 +1,265 @@
+"""The run config: its schema, validation, and the pieces built from it.
+
+A run config is an ``ml_collections.ConfigDict`` with the sections below. :func:`base_config` holds every
+valid field with its default; the files in ``configs/`` start from it and change what they need. Any field
+not in the schema is refused with the list of valid ones, whether it comes from a config file or from a
+``--config.a.b=value`` override on the command line::
+
+    seed, init_from_hf
+    model.*         every field of ism_jax.ModelConfig (mask = "ism" | "causal" | "prefix", ...)
+    data.*          dataset, tokenizer, sequence length, loss policy
+    optimizer.*     AdamW, warmup + cosine schedule, gradient clipping
+    training.*      batch size, steps, gradient accumulation, logging / eval / checkpoint cadence
+    mesh.*          device mesh sizes (data, fsdp, tensor)
+    metrics.*       peak FLOP/s for MFU, TensorBoard
+    sample.*        the short chat printed after training
+    distributed.*   jax.distributed.initialize() for multi-host runs
+    debug.*         fault injection used by the resume tests
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+from typing import Any, Iterable
+
+import ml_collections
+
+from ism_jax.model import ModelConfig
+
+# Fields whose change would make a resumed run read different data or build a different model.
+RESUME_LOCKED_FIELDS = ("seed", "data.name", "data.seq_len", "data.loss_on", "training.global_batch_size",
+                        "model.mask")
+# Model fields that may change between save and resume (they do not change the parameters).
+MODEL_RUNTIME_FIELDS = ("attention_impl", "remat_policy", "compute_dtype")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every valid field with its default value (the schema of a run config)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # parameter-init seed and data shuffle seed
+  config.init_from_hf = ""  # path of a Hugging Face Llama/Qwen2 checkpoint to start from; "" = random init
+
+  # The model: every field of ism_jax.ModelConfig (see ism_jax/model.py for their meaning).
+  config.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "chitchat"  # "chitchat", "synthetic_multiturn[/small]" or an imported JSONL dataset
+  config.data.data_dir = "data"  # TFDS data directory (datasets are built here on first use)
+  config.data.tokenizer_path = ""  # a ChatTokenizer .model file; "" = train one on the train split (cached)
+  config.data.vocab_size = 4000  # pieces of a tokenizer trained here (must not exceed model.vocab_size)
+  config.data.seq_len = 512  # tokens per packed row
+  config.data.loss_on = "all"  # train on "all" answers of a dialogue or the "last" one only
+  config.data.prefix_triplets = True  # with model.mask="prefix", expand each dialogue into one example per round
+  config.data.num_threads = 2  # reader threads (tokenization runs there)
+  config.data.prefetch = 64  # dialogues read ahead
+  config.data.eval_max_dialogues = 0  # validation dialogues evaluated; 0 = the whole split
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 3e-4  # peak learning rate
+  config.optimizer.warmup_steps = 100  # linear warmup from 0 to the peak
+  config.optimizer.min_lr_ratio = 0.1  # the cosine decays to learning_rate * min_lr_ratio at the last step
+  config.optimizer.weight_decay = 0.1  # AdamW decoupled weight decay (matrices only, not norms/biases)
+  config.optimizer.b1 = 0.9  # Adam first-moment decay
+  config.optimizer.b2 = 0.95  # Adam second-moment decay
+  config.optimizer.eps = 1e-8  # Adam epsilon
+  config.optimizer.grad_clip_norm = 1.0  # clip gradients to this global norm; 0 = no clipping
+
+  config.training = ml_collections.ConfigDict()
+  config.training.num_steps = 1000  # optimizer steps in total (the schedule's length)
+  config.training.global_batch_size = 8  # packed rows per optimizer step, over all hosts
+  config.training.grad_accum_steps = 1  # microbatches per step (jax.lax.scan inside the jitted step)
+  config.training.log_every = 10  # steps between metric records (metrics.jsonl, TensorBoard, console)
+  config.training.eval_every = 200  # steps between evaluations; 0 = only at the end
+  config.training.checkpoint_every = 200  # steps between checkpoints (one is always written at the end)
+  config.training.keep_checkpoints = 3  # newest checkpoints kept on disk
+  config.training.async_checkpoints = True  # write checkpoints in the background
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # data-parallel size; -1 = all devices left over
+  config.mesh.fsdp = 1  # parameter-sharding (ZeRO-3) size
+  config.mesh.tensor = 1  # tensor-parallel size
+
+  config.metrics = ml_collections.ConfigDict()
+  config.metrics.peak_tflops_per_device = 0.0  # for MFU; 0 = look up the device kind (none on CPU)
+  config.metrics.tensorboard = True  # write TensorBoard event files to WORKDIR/tensorboard
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.enabled = True  # print a short greedy multi-turn chat with the trained model at the end
+  config.sample.dialogues = 1  # validation dialogues whose user turns are replayed
+  config.sample.rounds = 3  # rounds of each sample dialogue
+  config.sample.max_answer_tokens = 48  # answer length limit in tokens
+
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.enabled = False  # call jax.distributed.initialize() before anything else
+  config.distributed.coordinator_address = ""  # "host:port" of process 0; "" = detect (TPU, Slurm, Open MPI)
+  config.distributed.num_processes = 0  # processes in the job; 0 = detect
+  config.distributed.process_id = -1  # this process's index; -1 = detect
+
+  config.debug = ml_collections.ConfigDict()
+  config.debug.kill_at_step = 0  # SIGKILL this process right after that step (resume tests); 0 = never
+  return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Dotted paths of every leaf field, e.g. ``["seed", "model.mask", ...]``."""
+  paths = []
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      paths += field_paths(value, path + ".")
+    else:
+      paths.append(path)
+  return paths
+
+
+def _unknown_field_message(path: str, where: str) -> str:
+  """Names the bad field and lists the valid fields of its section (or all fields)."""
+  schema = base_config()
+  section = path.rpartition(".")[0]
+  if section in _section_paths(schema):
+    valid = [p for p in field_paths(schema) if p.startswith(section + ".")]
+    scope = f"of {section}"
+  else:
+    valid, scope = field_paths(schema), "are"
+  return f"unknown config field {path!r} ({where}). Valid fields {scope}: {', '.join(valid)}"
+
+
+def _section_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.append(prefix + key)
+      out += _section_paths(value, prefix + key + ".")
+  return out
+
+
+def validate(config: ml_collections.ConfigDict, where: str = "config") -> None:
+  """Raises ``ValueError`` for fields not in :func:`base_config` and for inconsistent values."""
+  valid = set(field_paths(base_config()))
+  for path in field_paths(config):
+    if path not in valid:
+      raise ValueError(_unknown_field_message(path, where))
+  missing = sorted(valid - set(field_paths(config)))
+  if missing:
+    raise ValueError(f"{where} lacks fields {missing}; start the config from "
+                     "ism_jax.training.config.base_config()")
+  model_config(config)  # raises on invalid model values
+  training, mesh = config.training, config.mesh
+  problems = []
+  if training.num_steps < 1:
+    problems.append(f"training.num_steps={training.num_steps} must be at least 1")
+  if training.global_batch_size < 1 or training.grad_accum_steps < 1:
+    problems.append("training.global_batch_size and training.grad_accum_steps must be positive")
+  elif training.global_batch_size % training.grad_accum_steps:
+    problems.append(f"training.global_batch_size={training.global_batch_size} must be a multiple of "
+                    f"training.grad_accum_steps={training.grad_accum_steps}")
+  for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    if training[name] < 1:
+      problems.append(f"training.{name}={training[name]} must be at least 1")
+  if training.eval_every < 0:
+    problems.append(f"training.eval_every={training.eval_every} must be >= 0")
+  if config.data.loss_on not in ("all", "last"):
+    problems.append(f"data.loss_on={config.data.loss_on!r} must be 'all' or 'last'")
+  if config.data.seq_len < 2:
+    problems.append(f"data.seq_len={config.data.seq_len} must be at least 2")
+  if [mesh.data, mesh.fsdp, mesh.tensor].count(-1) > 1:
+    problems.append("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+  if config.optimizer.warmup_steps < 0 or config.optimizer.learning_rate <= 0:
+    problems.append("optimizer.learning_rate must be positive and optimizer.warmup_steps >= 0")
+  if problems:
+    raise ValueError(f"invalid {where}: " + "; ".join(problems))
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The :class:`ModelConfig` of a run config's ``model`` section (unknown fields are refused)."""
+  values = dict(config.model)
+  names = [f.name for f in dataclasses.fields(ModelConfig)]
+  unknown = sorted(set(values) - set(names))
+  if unknown:
+    raise ValueError(f"unknown model config fields {unknown}; valid fields of model: {', '.join(names)}")
+  return ModelConfig(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading config files and command-line overrides.
+# ----------------------------------------------------------------------------------------------------------
+
+_OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=.*)?$")
+
+
+def check_overrides(config: ml_collections.ConfigDict, argv: Iterable[str]) -> None:
+  """Refuses ``--config.a.b=...`` arguments that name a field the config does not have.
+
+  Called before absl parses the flags, so the user sees the valid fields instead of a traceback.
+  """
+  valid = set(field_paths(config))
+  sections = set(_section_paths(config))
+  for arg in argv:
+    match = _OVERRIDE.match(arg)
+    if match and match.group(1) not in valid and match.group(1) not in sections:
+      raise ValueError(_unknown_field_message(match.group(1), f"command-line override {arg.split('=')[0]}"))
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Runs a config file's ``get_config()`` (the file may end in ``:arg`` like ml_collections allows)."""
+  path, _, arg = path.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path} does not exist; see configs/ for the shipped configs")
+  spec = importlib.util.spec_from_file_location("ism_run_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path} defines no get_config() function")
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def resume_differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> list[str]:
+  """Fields that differ between a checkpoint's config and this run's and would break an exact resume."""
+  diffs = []
+  for path in RESUME_LOCKED_FIELDS:
+    if _get(saved, path) != _get(current, path):
+      diffs.append(f"{path}: checkpoint {_get(saved, path)!r}, now {_get(current, path)!r}")
+  for name in dataclasses.asdict(ModelConfig()):
+    if name in MODEL_RUNTIME_FIELDS or f"model.{name}" in RESUME_LOCKED_FIELDS:
+      continue
+    if saved.model.get(name) != current.model.get(name):
+      diffs.append(f"model.{name}: checkpoint {saved.model.get(name)!r}, now {current.model.get(name)!r}")
+  return diffs
+
+
+def _get(config: ml_collections.ConfigDict, path: str) -> Any:
+  for key in path.split("."):
+    config = config.get(key) if config is not None else None
+  return config
+
+
+def from_json_dict(values: dict) -> ml_collections.ConfigDict:
+  """A run config saved as JSON (a plain nested dict) back as a ``ConfigDict`` on top of the schema.
+
+  Fields added to the schema after the checkpoint was written keep their defaults.
+  """
+  config = base_config()
+  _update(config, values, "")
+  return config
+
+
+def _update(config: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+  for key, value in values.items():
+    if key not in config:
+      raise ValueError(_unknown_field_message(prefix + key, "saved run config"))
+    if isinstance(config[key], ml_collections.ConfigDict):
+      _update(config[key], value, prefix + key + ".")
+    else:
+      default = config[key]
+      if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+      with config.ignore_type():
+        config[key] = value
