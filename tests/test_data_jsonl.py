@@ -134,6 +134,8 @@ def test_cli(tmp_path, capsys):
   assert "already exists" in capsys.readouterr().err
   assert main(["--input", path, "--name", "Bad-Name", "--data_dir", data_dir]) == 1
   assert "not valid" in capsys.readouterr().err
+  assert main(["--input", path, "--name", "chitchat", "--data_dir", data_dir]) == 1
+  assert "built-in" in capsys.readouterr().err
 
 
 def test_failure_while_writing_keeps_the_old_dataset(tmp_path, monkeypatch):

@@ -45,6 +45,7 @@ from ism_jax.data.dialogue import Message, ROLES
 SPLITS = ("train", "validation")
 VERSION = "1.0.0"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_RESERVED_NAMES = ("chitchat", "synthetic_multiturn")
 
 
 def dialogue_features() -> tfds.features.FeaturesDict:
@@ -215,9 +216,12 @@ class _InMemoryDialogues(DialogueBuilder, skip_registration=True):
 
 
 def check_dataset_name(name: str) -> None:
+  """Names for imported datasets: TFDS-style snake case, and not the name of a built-in builder."""
   if not _NAME_RE.match(name):
     raise ValueError(f"dataset name {name!r} is not valid: use lower-case letters, digits and underscores, "
                      "starting with a letter (e.g. my_chats)")
+  if name in _RESERVED_NAMES:
+    raise ValueError(f"dataset name {name!r} belongs to a built-in dataset; choose another name")
 
 
 def write_dialogues(name: str, data_dir: str, splits: Mapping[str, Sequence[tuple[str, list[Message]]]],
