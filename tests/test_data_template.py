@@ -82,6 +82,8 @@ def test_tokenizer_special_ids_survive_save_load(tokenizer):
   text = "Hello there,  how are you? 12 é\nnew line"
   assert loaded.encode(text) == tokenizer.encode(text)
   assert loaded.decode(loaded.encode(text)) == text
+  import pickle
+  assert pickle.loads(pickle.dumps(loaded)).encode(text) == loaded.encode(text)
 
 
 def test_text_cannot_forge_role_tokens(tokenizer):

@@ -55,6 +55,10 @@ class ChatTokenizer:
     self.pad_id, self.unk_id, self.bos_id, self.eot_id = 0, 1, 2, 3
     self.role_ids = {role: ids[piece] for role, piece in ROLE_TOKENS.items()}
 
+  def __reduce__(self):
+    # Picklable (e.g. for worker processes): rebuilt from the serialized model.
+    return ChatTokenizer, (self._proto, self.path)
+
   @classmethod
   def load(cls, path: str) -> "ChatTokenizer":
     """Loads a ``.model`` file written by :meth:`train` (or :meth:`save`)."""
