@@ -53,6 +53,8 @@ class ModelConfig:
   head_dim: int = 64
   mlp_dim: int = 1536  # SwiGLU hidden width
   rope_theta: float = 10_000.0
+  # Llama-3.1 style RoPE frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_len).
+  rope_scaling: tuple[float, float, float, int] | None = None
   norm_eps: float = 1e-6
   qkv_bias: bool = False  # Qwen2 uses biases on q, k, v
   tie_embeddings: bool = False  # output projection = embedding table transposed
@@ -70,6 +72,11 @@ class ModelConfig:
       problems.append(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+    if self.rope_scaling is not None:
+      object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+      if len(self.rope_scaling) != 4 or not self.rope_scaling[1] < self.rope_scaling[2]:
+        problems.append(f"rope_scaling={self.rope_scaling} must be (factor, low_freq_factor, "
+                        "high_freq_factor, original_max_len) with low_freq_factor < high_freq_factor")
     if self.mask not in MASK_KINDS:
       problems.append(f"mask={self.mask!r} must be one of {MASK_KINDS}")
     if self.attention_impl not in IMPLEMENTATIONS:
@@ -128,10 +135,26 @@ class RMSNorm(nnx.Module):
     return (x * self.scale[...].astype(jnp.float32)).astype(x_BTD.dtype)
 
 
-def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding, "rotate half" layout (as in Hugging Face Llama/Qwen2)."""
-  half = x_BTHD.shape[-1] // 2
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None = None) -> jax.Array:
+  """``[head_dim // 2]`` inverse frequencies ``theta ** (-2i / head_dim)``, optionally Llama-3.1 scaled.
+
+  With ``scaling = (factor, low, high, original_len)``: wavelengths longer than ``original_len / low`` are
+  stretched by ``factor``, those shorter than ``original_len / high`` are kept, and the band between is
+  interpolated linearly in ``original_len / wavelength``.
+  """
+  half = head_dim // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if scaling is None:
+    return inv_freq
+  factor, low, high, original_len = scaling
+  smooth = jnp.clip((original_len * inv_freq / (2 * jnp.pi) - low) / (high - low), 0.0, 1.0)
+  return (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float, scaling: tuple | None = None
+               ) -> jax.Array:
+  """Rotary position embedding, "rotate half" layout (as in Hugging Face Llama/Qwen2)."""
+  inv_freq = rope_frequencies(x_BTHD.shape[-1], theta, scaling)
   angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
   cos, sin = jnp.cos(angles_BTF)[:, :, None], jnp.sin(angles_BTF)[:, :, None]
   x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
@@ -180,8 +203,8 @@ class Attention(nnx.Module):
   def __call__(self, x_BTD, positions_BT, ranges: MaskRanges, cache: LayerCache | None = None,
                write_index_B: jax.Array | None = None):
     config = self.config
-    q_BTHD = apply_rope(self._project(x_BTD, "q"), positions_BT, config.rope_theta)
-    k_BTKD = apply_rope(self._project(x_BTD, "k"), positions_BT, config.rope_theta)
+    q_BTHD = apply_rope(self._project(x_BTD, "q"), positions_BT, config.rope_theta, config.rope_scaling)
+    k_BTKD = apply_rope(self._project(x_BTD, "k"), positions_BT, config.rope_theta, config.rope_scaling)
     v_BTKD = self._project(x_BTD, "v")
     if cache is not None:
       cache = LayerCache(_write_rows(cache.k, k_BTKD, write_index_B), _write_rows(cache.v, v_BTKD, write_index_B))
