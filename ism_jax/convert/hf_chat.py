@@ -153,6 +153,7 @@ class HFChatTokenizer:
   (``encode_dialogue``, ``encode_query_block``, ``encode_answer``, ``stop_token_id``).
 
   Attributes:
+    path: the checkpoint directory the tokenizer files were read from.
     format: the :class:`ChatFormat`.
     eot_id: the end-of-turn id (answers end with it; decoding stops on it).
     bos_id: id of the tokenizer's bos token, or ``None`` (Qwen2 has none).
@@ -166,9 +167,14 @@ class HFChatTokenizer:
                        f"{missing}, which the tokenizer lacks; pick the checkpoint's own format")
     self.tokenizer = tokenizer
     self.format = chat_format
+    self.path = tokenizer.directory
     self.eot_id = tokenizer.token_id(chat_format.end_of_turn)
     self.bos_id = tokenizer.token_id(tokenizer.bos_token) if tokenizer.bos_token else None
     self.pad_id = tokenizer.token_id(tokenizer.pad_token) if tokenizer.pad_token else self.eot_id
+
+  def __reduce__(self):
+    # Picklable (e.g. for data worker processes): rebuilt from the checkpoint directory.
+    return load_hf_tokenizer, (self.path, self.format.name, self.format.default_system)
 
   @property
   def vocab_size(self) -> int:
