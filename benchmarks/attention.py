@@ -1,0 +1,202 @@
+"""Attention benchmark: the ISM Pallas kernel against cuDNN causal attention, on one GPU.
+
+    python benchmarks/attention.py                       # T = 2048 ... 32768, 16 query heads, 16 KV heads
+    python benchmarks/attention.py --kv-heads 4 --lengths 8192 16384
+
+For every length T the batch is ``--tokens // T`` (tokens per step fixed). Rows are packed dialogue
+layouts: query blocks and answers of 32-512 tokens, several dialogues per row, padding at the end (seeded).
+Rows of the table:
+
+* ``ism kernel``      Pallas kernel (``impl="pallas_gpu"``) on the ISM layout
+* ``causal kernel``   the same kernel on the plain causal layout (one dialogue of answers per row)
+* ``cudnn causal``    ``jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")``
+* ``cudnn ism mask``  cuDNN given the dense ``[B, 1, T, T]`` ISM mask
+* ``xla reference``   ``ism_jax.attention.dense_attention`` (dense mask, plain XLA)
+
+By default each row is one long dialogue (``--packed`` packs several per row: fewer allowed pairs).
+
+Times are medians of ``--reps`` runs after warm-up, in ms; "fwd+bwd" is one jitted step computing the
+output and the gradients of q, k, v. ``ratio`` is time over cuDNN causal's. TFLOP/s count allowed
+(query, key) pairs of the row's own mask: forward ``4 * D * H * pairs``, forward+backward 3.5 times that
+(the backward is 2.5 forwards: five matmuls against two, FlashAttention's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ism_jax.attention import attention, dense_attention  # noqa: E402
+from ism_jax.masks import MaskRanges, make_attention_mask, make_attention_ranges  # noqa: E402
+
+PAD, QUERY, ANSWER = 0, 1, 2
+BWD_FLOP_FACTOR = 3.5  # forward + backward FLOPs over forward FLOPs
+
+
+def dialogue_layout(rng: np.random.Generator, batch: int, length: int, *, min_block: int = 32,
+                    max_block: int = 512, new_dialogue_prob: float = 0.0):
+  """``(segment_types, segment_ids)`` int32 ``[batch, length]``: rounds of a query block and an answer.
+
+  Block lengths are uniform in ``[min_block, max_block]``; the last answer runs to the end of the row (no
+  padding). With ``new_dialogue_prob = 0`` a row is one long multi-turn dialogue, so the ISM mask holds the
+  causal pairs plus each query block's upper triangle (the comparison the issue asks for); a positive
+  value packs several dialogues per row.
+  """
+  types = np.full((batch, length), ANSWER, np.int32)
+  ids = np.ones((batch, length), np.int32)
+  for row in range(batch):
+    cursor, dialogue = 0, 1
+    while cursor + min_block < length:
+      query, answer = (int(x) for x in rng.integers(min_block, max_block + 1, size=2))
+      query = min(query, length - cursor - min_block)
+      types[row, cursor:cursor + query] = QUERY
+      ids[row, cursor:] = dialogue
+      cursor += query + answer
+      dialogue += int(rng.random() < new_dialogue_prob)
+  return types, ids
+
+
+def allowed_pairs(ranges: MaskRanges) -> int:
+  return int((np.asarray(ranges.k_hi) - np.asarray(ranges.k_lo)).astype(np.int64).sum())
+
+
+def median_time(fn, args, reps: int, warmup: int = 2) -> float:
+  """Median wall time of ``fn(*args)`` in seconds (each run awaited)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def forward_and_step(attend):
+  """Jitted forward and jitted forward+backward (gradients of q, k, v) of ``attend(q, k, v, extra)``."""
+  fwd = jax.jit(attend)
+
+  def loss(q, k, v, extra, cotangent):
+    return jnp.sum(attend(q, k, v, extra).astype(jnp.float32) * cotangent)
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return fwd, grads
+
+
+def implementations():
+  """name -> (attend(q, k, v, extra), which extra it takes: "ism" ranges, "causal" ranges or "mask")."""
+  return {
+      "ism kernel": (lambda q, k, v, r: attention(q, k, v, r, impl="pallas_gpu"), "ism"),
+      "causal kernel": (lambda q, k, v, r: attention(q, k, v, r, impl="pallas_gpu"), "causal"),
+      "cudnn causal": (lambda q, k, v, _: jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, implementation="cudnn"), "causal"),
+      "cudnn ism mask": (lambda q, k, v, m: jax.nn.dot_product_attention(
+          q, k, v, mask=m, implementation="cudnn"), "mask"),
+      "xla reference": (lambda q, k, v, r: dense_attention(q, k, v, r), "ism"),
+  }
+
+
+def _is_oom(error: Exception) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text
+
+
+def bench_length(length: int, args) -> list[dict]:
+  batch = max(1, args.tokens // length)
+  rng = np.random.default_rng(args.seed)
+  types, ids = dialogue_layout(rng, batch, length, new_dialogue_prob=0.15 if args.packed else 0.0)
+  ism = make_attention_ranges(jnp.asarray(types), jnp.asarray(ids), "ism")
+  causal = make_attention_ranges(jnp.full((batch, length), ANSWER, jnp.int32))
+  keys = jax.random.split(jax.random.key(args.seed), 4)
+  dtype = jnp.bfloat16
+  q = jax.random.normal(keys[0], (batch, length, args.heads, args.head_dim), dtype)
+  k = jax.random.normal(keys[1], (batch, length, args.kv_heads, args.head_dim), dtype)
+  v = jax.random.normal(keys[2], (batch, length, args.kv_heads, args.head_dim), dtype)
+  cotangent = jax.random.normal(keys[3], q.shape, jnp.float32)
+  pairs = {"ism": allowed_pairs(ism), "causal": allowed_pairs(causal)}
+  rows = []
+  for name, (attend, extra_kind) in implementations().items():
+    if args.only and name not in args.only:
+      continue
+    row = {"T": length, "B": batch, "impl": name, "fwd": None, "step": None, "note": ""}
+    pair_kind = "causal" if extra_kind == "causal" else "ism"
+    row["flops"] = 4 * args.head_dim * args.heads * pairs[pair_kind]
+    try:
+      if extra_kind == "mask":
+        extra = make_attention_mask(jnp.asarray(types), jnp.asarray(ids), "ism")[:, None]
+      else:
+        extra = ism if extra_kind == "ism" else causal
+      fwd, step = forward_and_step(attend)
+      row["fwd"] = median_time(fwd, (q, k, v, extra), args.reps)
+      row["step"] = median_time(lambda *a: step(*a, cotangent), (q, k, v, extra), args.reps)
+    except Exception as error:  # noqa: BLE001 - a failed row is reported, the run goes on
+      row["note"] = "OOM" if _is_oom(error) else f"failed: {type(error).__name__}: {str(error)[:120]}"
+    finally:
+      extra = fwd = step = None
+      jax.clear_caches()
+    rows.append(row)
+    print(format_row(row, None), flush=True)
+  return rows
+
+
+def format_row(row: dict, baseline: dict | None) -> str:
+  def ms(x):
+    return f"{x * 1e3:9.2f}" if x else f"{row['note'] or '-':>9.9}"
+
+  def ratio(x, base):
+    return f"{x / base:6.2f}" if x and base else f"{'-':>6}"
+
+  def tflops(x, factor):
+    return f"{row['flops'] * factor / x / 1e12:7.0f}" if x else f"{'-':>7}"
+
+  base_fwd = baseline["fwd"] if baseline else None
+  base_step = baseline["step"] if baseline else None
+  return (f"| {row['T']:6d} | {row['B']:3d} | {row['impl']:15} | {ms(row['fwd'])} | {ms(row['step'])} | "
+          f"{ratio(row['fwd'], base_fwd)} | {ratio(row['step'], base_step)} | {tflops(row['fwd'], 1)} | "
+          f"{tflops(row['step'], BWD_FLOP_FACTOR)} |")
+
+
+HEADER = ("|      T |   B | implementation  |  fwd ms   | fwd+bwd ms| ratio  | ratio  | TFLOP/s | TFLOP/s |\n"
+          "|        |     |                 |           |           | fwd    | f+b    | fwd     | f+b     |\n"
+          "|-------:|----:|:----------------|----------:|----------:|-------:|-------:|--------:|--------:|")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
+  parser.add_argument("--tokens", type=int, default=32768, help="tokens per step (batch = tokens // T)")
+  parser.add_argument("--heads", type=int, default=16)
+  parser.add_argument("--kv-heads", type=int, default=16)
+  parser.add_argument("--head-dim", type=int, default=128)
+  parser.add_argument("--reps", type=int, default=10)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--packed", action="store_true", help="pack several dialogues per row")
+  parser.add_argument("--only", nargs="*", default=None, help="implementation names to run")
+  args = parser.parse_args(argv)
+  device = jax.devices()[0]
+  layout = "packed dialogues" if args.packed else "one dialogue per row"
+  print(f"# {datetime.date.today()} {device.device_kind}, jax {jax.__version__}, H={args.heads} "
+        f"K={args.kv_heads} D={args.head_dim} bf16, {args.tokens} tokens per step, {layout}", flush=True)
+  all_rows = []
+  for length in args.lengths:
+    all_rows += bench_length(length, args)
+  print("\n" + HEADER)
+  for length in args.lengths:
+    rows = [r for r in all_rows if r["T"] == length]
+    baseline = next((r for r in rows if r["impl"] == "cudnn causal"), None)
+    for row in rows:
+      print(format_row(row, baseline))
+
+
+if __name__ == "__main__":
+  main()

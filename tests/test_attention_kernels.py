@@ -1,0 +1,262 @@
+"""The block-sparse Pallas kernels equal the dense oracle, forward and gradients, on every mask layout.
+
+On CPU the kernels run in Pallas interpret mode (GPU kernel: Mosaic GPU interpret mode; TPU kernel: TPU
+interpret mode) in float32 on tiny shapes. The ``test_gpu_compiled_*`` tests run only where JAX sees a
+GPU and check the compiled kernel in bf16 at realistic sizes; run them on a GPU machine with
+
+    JAX_PLATFORMS=cuda python -m pytest -q tests/test_attention_kernels.py -k gpu_compiled
+
+(docs/KERNELS.md records the last pass).
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.extend import core as jex_core
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ism_jax.attention import attention as dispatch_attention
+from ism_jax.attention import pallas_gpu, pallas_tpu, resolve_impl, tiles
+from ism_jax.attention.gpu_common import GpuTuning
+from ism_jax.attention.xla import dense_attention
+from ism_jax.masks import make_attention_mask, make_attention_ranges
+from tests import layouts
+
+PAD, QUERY, ANSWER = layouts.PAD, layouts.QUERY, layouts.ANSWER
+ON_GPU = jax.default_backend() == "gpu"
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (see the module docstring)")
+
+# Smallest tiles each kernel allows, so that tiny sequences still span many tiles.
+GPU_TILES = GpuTuning(block_q=64, block_kv=64, stages=2, dq_block_q=64, dq_block_kv=64, dq_stages=2,
+                      dkv_block_kv=64, dkv_block_q=64, dkv_stages=2)
+TPU_TILES = pallas_tpu.TpuTuning(block_q=32, block_kv=32, dq_block_q=32, dq_block_kv=32, dkv_block_kv=32,
+                                 dkv_block_q=32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layouts
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _runs(*runs) -> list[int]:
+  """``_runs((QUERY, 3), (ANSWER, 2))`` -> ``[1, 1, 1, 2, 2]``."""
+  return [kind for kind, count in runs for _ in range(count)]
+
+
+def degenerate_layouts(length: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(types, ids)`` ``[5, length]``: one degenerate layout per row.
+
+  0: all answers (ISM = causal); 1: one query block over the whole row; 2: one-token blocks
+  ``q a q a ...``; 3: blocks of 37 and 29 tokens straddling every tile boundary, three dialogues, padding;
+  4: a query block, then padding from the middle of a tile on.
+  """
+  straddle = _runs(*[(QUERY, 37), (ANSWER, 29)] * (length // 66 + 1))[:length - 11] + [PAD] * 11
+  rows = [
+      [ANSWER] * length,
+      [QUERY] * length,
+      [QUERY, ANSWER] * (length // 2),
+      straddle,
+      _runs((QUERY, length // 2 - 5), (ANSWER, 20)) + [PAD] * (length - length // 2 - 15),
+  ]
+  types = np.array(rows, np.int32)
+  ids = (types != PAD).astype(np.int32)
+  ids[3, 66:] = 2  # dialogue boundaries inside tiles
+  ids[3, 132:] = 3
+  ids[types == PAD] = 0
+  return types, ids
+
+
+def packed_layouts(seed: int, batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+  data = layouts.random_packed_batch(np.random.default_rng(seed), batch=batch, length=length, max_block=40)
+  return data["segment_types"], data["segment_ids"]
+
+
+def qkv(seed: int, batch: int, length: int, heads: int, kv_heads: int, dim: int, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (batch, length, heads, dim), dtype)
+  k = jax.random.normal(keys[1], (batch, length, kv_heads, dim), dtype)
+  v = jax.random.normal(keys[2], (batch, length, kv_heads, dim), dtype)
+  cotangent = jax.random.normal(keys[3], q.shape, jnp.float32)
+  return q, k, v, cotangent
+
+
+def forward_and_grads(attend, q, k, v, ranges, cotangent):
+  """``(out, (dq, dk, dv))`` of ``sum(attend(q, k, v, ranges) * cotangent)``."""
+
+  def loss(q, k, v):
+    out = attend(q, k, v, ranges)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+  grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  return out, grads
+
+
+def assert_matches_oracle(attend, types, ids, kind, *, heads, kv_heads, dim, atol, rtol=0.0, seed=0,
+                          dtype=jnp.float32):
+  """Forward and gradients of ``attend`` against the dense oracle computed in float32."""
+  types, ids = jnp.asarray(types), jnp.asarray(ids)
+  ranges = make_attention_ranges(types, ids, kind)
+  q, k, v, cotangent = qkv(seed, *types.shape, heads, kv_heads, dim, dtype)
+  out, grads = forward_and_grads(attend, q, k, v, ranges, cotangent)
+  f32 = lambda x: x.astype(jnp.float32)
+  want_out, want_grads = forward_and_grads(dense_attention, f32(q), f32(k), f32(v), ranges, cotangent)
+  np.testing.assert_allclose(f32(out), want_out, atol=atol, rtol=rtol, err_msg="out")
+  for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads):
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(f32(got), want, atol=atol * max(1.0, scale), rtol=rtol, err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tile bounds
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ism", "prefix", "causal"])
+def test_tile_bounds_classify_every_tile_like_the_dense_mask(kind):
+  types, ids = packed_layouts(7, batch=3, length=96)
+  d_types, d_ids = degenerate_layouts(96)
+  types, ids = np.concatenate([types, d_types]), np.concatenate([ids, d_ids])
+  ranges = make_attention_ranges(jnp.asarray(types), jnp.asarray(ids), kind)
+  mask = np.asarray(make_attention_mask(jnp.asarray(types), jnp.asarray(ids), kind))
+  for rows, cols in [(16, 8), (32, 32), (8, 16)]:
+    for bounds, tile_mask in [
+        (tiles.query_tile_bounds(ranges, q_tile=rows, k_tile=cols), mask),
+        (tiles.key_tile_bounds(ranges, k_tile=rows, q_tile=cols), mask.transpose(0, 2, 1)),
+    ]:
+      blocks = tile_mask.reshape(len(types), 96 // rows, rows, 96 // cols, cols)
+      any_visible, all_visible = blocks.any(axis=(2, 4)), blocks.all(axis=(2, 4))
+      col = np.arange(96 // cols)
+      start, full_start, full_end, end = (np.asarray(bounds)[..., i, None] for i in range(4))
+      visited = (start <= col) & (col < end)
+      unmasked = (full_start <= col) & (col < full_end)
+      np.testing.assert_array_equal(visited, any_visible)
+      np.testing.assert_array_equal(unmasked, all_visible)
+
+
+def test_pad_ranges_adds_rows_that_see_only_themselves():
+  ranges = make_attention_ranges(jnp.array([[QUERY, QUERY, ANSWER]]))
+  padded = tiles.pad_ranges(ranges, 5)
+  np.testing.assert_array_equal(padded.dense()[0, 3:], np.eye(5, dtype=bool)[3:])
+  np.testing.assert_array_equal(padded.q_hi[0, 3:], [4, 5])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU kernel (Mosaic GPU) in interpret mode
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gpu_interpret(q, k, v, ranges):
+  return pallas_gpu.attention(q, k, v, ranges, tuning=GPU_TILES, interpret=True)
+
+
+def test_gpu_kernel_interpret_degenerate_layouts():
+  types, ids = degenerate_layouts(192)  # T = 192 pads to 256; D = 32 pads to 64
+  assert_matches_oracle(gpu_interpret, types, ids, "ism", heads=2, kv_heads=1, dim=32, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind, batch, length", [("ism", 2, 256), ("prefix", 1, 128)])
+def test_gpu_kernel_interpret_packed_gqa(kind, batch, length):
+  types, ids = packed_layouts(1, batch=batch, length=length)
+  assert_matches_oracle(gpu_interpret, types, ids, kind, heads=4, kv_heads=2, dim=64, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TPU kernel in interpret mode
+# ----------------------------------------------------------------------------------------------------------
+
+
+def tpu_interpret(q, k, v, ranges):
+  return pallas_tpu.attention(q, k, v, ranges, tuning=TPU_TILES, interpret=True)
+
+
+def test_tpu_kernel_interpret_degenerate_layouts():
+  types, ids = degenerate_layouts(96)  # T = 96 pads to 128
+  assert_matches_oracle(tpu_interpret, types, ids, "ism", heads=2, kv_heads=1, dim=16, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["ism", "prefix"])
+def test_tpu_kernel_interpret_packed_gqa(kind):
+  types, ids = packed_layouts(2, batch=2, length=128)
+  assert_matches_oracle(tpu_interpret, types, ids, kind, heads=4, kv_heads=2, dim=16, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory: no [T, T] array anywhere in the forward or backward computation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sub_jaxprs(params):
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jex_core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jex_core.Jaxpr):
+        yield item
+
+
+def _largest_intermediate(fn, *args) -> int:
+  """The element count of the largest value ``fn`` computes, nested jaxprs (kernels too) included."""
+  sizes = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      sizes.extend(int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, "shape"))
+      for sub in _sub_jaxprs(eqn.params):
+        visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return max(sizes)
+
+
+@pytest.mark.parametrize("module", [pallas_gpu, pallas_tpu])
+def test_kernels_never_build_a_length_squared_array(module):
+  batch, length, heads, dim = 1, 4096, 2, 128
+  types = jnp.full((batch, length), ANSWER, jnp.int32)
+  ranges = make_attention_ranges(types)
+  q, k, v, cotangent = qkv(0, batch, length, heads, heads, dim, jnp.bfloat16)
+  step = lambda q, k, v: forward_and_grads(module.attention, q, k, v, ranges, cotangent)
+  assert _largest_intermediate(step, q, k, v) <= batch * length * heads * dim
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend, impl", [("cpu", "xla_chunked"), ("gpu", "pallas_gpu"),
+                                           ("tpu", "pallas_tpu")])
+def test_auto_picks_the_kernel_of_the_backend(monkeypatch, backend, impl):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  assert resolve_impl("auto") == impl
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compiled GPU kernel (GPU machines only): bf16 at realistic sizes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gpu_compiled(q, k, v, ranges):
+  return dispatch_attention(q, k, v, ranges, impl="pallas_gpu")
+
+
+@gpu_only
+@pytest.mark.parametrize("kind", ["ism", "prefix", "causal"])
+def test_gpu_compiled_bf16_packed_dialogues(kind):
+  data = layouts.random_packed_batch(np.random.default_rng(3), batch=2, length=2048, max_block=400)
+  assert_matches_oracle(gpu_compiled, data["segment_types"], data["segment_ids"], kind, heads=8,
+                        kv_heads=2, dim=128, atol=2e-2, dtype=jnp.bfloat16)
+
+
+@gpu_only
+def test_gpu_compiled_bf16_degenerate_layouts():
+  types, ids = degenerate_layouts(1000)
+  assert_matches_oracle(gpu_compiled, types, ids, "ism", heads=4, kv_heads=4, dim=128, atol=2e-2,
+                        dtype=jnp.bfloat16)
+
+
+@gpu_only
+def test_gpu_compiled_float32_inputs_and_odd_head_dim():
+  types, ids = packed_layouts(4, batch=2, length=700)
+  assert_matches_oracle(gpu_compiled, types, ids, "ism", heads=6, kv_heads=3, dim=80, atol=2e-2)
