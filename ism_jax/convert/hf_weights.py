@@ -272,7 +272,7 @@ def save_hf_model(model: Transformer, directory: str, *, architecture: str | Non
   files = write_checkpoint(directory, specs, max_shard_bytes)
   with open(os.path.join(directory, hf_config.CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(config_json, f, indent=2)
-  if source:
+  if source and os.path.realpath(source) != os.path.realpath(directory):
     for name in TOKENIZER_FILES:
       if os.path.exists(os.path.join(source, name)):
         shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
