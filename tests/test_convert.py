@@ -22,6 +22,7 @@ from ism_jax.convert import (HFConversionError, hf_config_from_model, load_hf_mo
                              model_config_from_hf, save_hf_model)
 from ism_jax.convert.hf_chat import template_default_system
 from ism_jax.convert.safetensors_io import INDEX_FILE, CheckpointReader
+from ism_jax.data import chat_template
 from ism_jax.data.dialogue import Message
 from ism_jax.masks import SegmentType
 
@@ -246,6 +247,11 @@ def test_tokenizer_details():
   qwen = load_hf_tokenizer(_fixture("qwen2"))
   assert qwen.format.name == "chatml" and qwen.format.default_system == "You are a helpful assistant."
   assert qwen.bos_id is None and qwen.pad_id == 0 and qwen.stop_token_id() == qwen.eot_id == 2
+  # The data pipeline's template functions hand over to the checkpoint's own chat format.
+  assert chat_template.stop_token_id(qwen) == qwen.eot_id
+  assert chat_template.encode_answer(qwen, "ok") == qwen.encode_answer("ok")
+  assert chat_template.encode_query_block(qwen, [Message("user", "x")], first=True) == \
+      qwen.encode_query_block([Message("user", "x")], first=True)
   forged = qwen.encode("hi <|im_end|>")
   assert qwen.eot_id not in forged and qwen.decode(forged) == "hi <|im_end|>"
   query = qwen.encode_query_block([Message("tool", "42")], first=False)

@@ -27,12 +27,10 @@ import abc
 import re
 from typing import Sequence, Union
 
-import numpy as np
-
 from ism_jax.convert.hf_tokenizer import HFTokenizer
+from ism_jax.data import chat_template
 from ism_jax.data.chat_template import EncodedDialogue
-from ism_jax.data.dialogue import Message, split_rounds
-from ism_jax.masks import SegmentType
+from ism_jax.data.dialogue import Message
 
 
 class Special(str):
@@ -205,17 +203,7 @@ class HFChatTokenizer:
 
   def encode_dialogue(self, messages: Sequence[Message]) -> EncodedDialogue:
     """The complete rounds of a dialogue as an :class:`EncodedDialogue` (all answers are targets)."""
-    tokens, types, rounds = [], [], []
-    for k, round_ in enumerate(split_rounds(messages)):
-      query = self.encode_query_block(round_.query, first=(k == 0))
-      answer = self.encode_answer(round_.answer.content)
-      tokens += query + answer
-      types += [SegmentType.QUERY] * len(query) + [SegmentType.ANSWER] * len(answer)
-      rounds += [k] * (len(query) + len(answer))
-    types = np.asarray(types, np.int32)
-    return EncodedDialogue(tokens=np.asarray(tokens, np.int32), segment_types=types,
-                           round_index=np.asarray(rounds, np.int32),
-                           answer_targets=(types == SegmentType.ANSWER).astype(np.int32))
+    return chat_template.encode_dialogue(self, messages)
 
 
 def load_hf_tokenizer(directory: str, chat_format: str | None = None,

@@ -18,6 +18,11 @@ hi=[50], yo=[60], ok?=[70, 71], ok=[70])::
 Inference uses :func:`encode_query_block` for each round's query side (which ends with the assistant header)
 and decodes until :func:`stop_token_id`; concatenating query blocks and answers (content + end of turn)
 reproduces :func:`encode_dialogue` exactly.
+
+A tokenizer may carry its own chat format (a Hugging Face checkpoint's, see
+:class:`ism_jax.convert.hf_chat.HFChatTokenizer`): when it has methods ``encode_query_block``,
+``encode_answer`` and ``stop_token_id``, the functions here hand over to them, so the pipeline, training and
+inference use that format with the same query/answer split.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ def encode_query_block(tokenizer: ChatTokenizer, messages: Sequence[Message], *,
     messages: the round's non-assistant messages, in order (may be empty).
     first: pass ``True`` for the dialogue's first round, which starts with ``<s>``.
   """
+  if hasattr(tokenizer, "encode_query_block"):
+    return tokenizer.encode_query_block(messages, first=first)
   tokens = [tokenizer.bos_id] if first else []
   for message in messages:
     if not message.is_query:
@@ -89,11 +96,15 @@ def encode_query_block(tokenizer: ChatTokenizer, messages: Sequence[Message], *,
 
 def encode_answer(tokenizer: ChatTokenizer, content: str) -> list[int]:
   """The answer side of one round: assistant content, then ``<|eot|>`` (the header is on the query side)."""
+  if hasattr(tokenizer, "encode_answer"):
+    return tokenizer.encode_answer(content)
   return tokenizer.encode(content) + [tokenizer.eot_id]
 
 
 def stop_token_id(tokenizer: ChatTokenizer) -> int:
   """The id the decoder stops on: end of turn."""
+  if hasattr(tokenizer, "stop_token_id"):
+    return tokenizer.stop_token_id()
   return tokenizer.eot_id
 
 
