@@ -5,6 +5,7 @@ Workdir layout::
     WORKDIR/
       config.json              run config of the latest start (for reading; each checkpoint has its own)
       tokenizer.model          the run's ChatTokenizer, copied in atomically
+      hf_tokenizer/            instead, the tokenizer files of a Hugging Face checkpoint (init_from_hf)
       metrics.jsonl            one JSON object per logged step
       tensorboard/             TensorBoard event files
       checkpoints/<step>/      one Orbax checkpoint per saved step, items:
@@ -40,6 +41,9 @@ from ism_jax.training import config as config_lib
 
 CHECKPOINT_DIR = "checkpoints"
 TOKENIZER_FILE = "tokenizer.model"
+HF_TOKENIZER_DIR = "hf_tokenizer"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                      "chat_template.jinja", "chat_template.json")
 CONFIG_FILE = "config.json"
 ITEMS = ("params", "opt_state", "data", "meta")
 
@@ -53,12 +57,23 @@ class CheckpointMismatchError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def tokenizer_fingerprint(path: str) -> dict[str, Any]:
-  """``{"sha256": ..., "vocab_size": ...}`` of a tokenizer model file."""
-  from ism_jax.data.tokenizer import ChatTokenizer  # pylint: disable=import-outside-toplevel
-  with open(path, "rb") as f:
-    data = f.read()
-  return {"sha256": hashlib.sha256(data).hexdigest(), "vocab_size": ChatTokenizer(data, path=path).vocab_size}
+def _tokenizer_files(path: str) -> list[str]:
+  """The files that define a tokenizer: the ``.model`` file, or those of a Hugging Face directory."""
+  if os.path.isfile(path):
+    return [path]
+  names = sorted(n for n in os.listdir(path) if n in HF_TOKENIZER_FILES)
+  if not names:
+    raise FileNotFoundError(f"no tokenizer files ({', '.join(HF_TOKENIZER_FILES)}) in {path}")
+  return [os.path.join(path, n) for n in names]
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+  """``{"sha256": ..., "vocab_size": ...}`` of a tokenizer (ChatTokenizer file or Hugging Face directory)."""
+  digest = hashlib.sha256()
+  for file in _tokenizer_files(tokenizer.path):
+    with open(file, "rb") as f:
+      digest.update(os.path.basename(file).encode() + b"\0" + f.read())
+  return {"sha256": digest.hexdigest(), "vocab_size": int(tokenizer.vocab_size)}
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -77,12 +92,23 @@ def atomic_write(path: str, data: bytes) -> None:
     raise
 
 
-def install_tokenizer(workdir: str, source: str) -> str:
-  """Copies the tokenizer file into ``WORKDIR/tokenizer.model`` (atomically) and returns that path."""
-  target = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.abspath(source) != os.path.abspath(target):
-    with open(source, "rb") as f:
-      atomic_write(target, f.read())
+def install_tokenizer(workdir: str, tokenizer) -> str:
+  """Copies the tokenizer into the workdir (each file atomically) and returns its path there.
+
+  A ChatTokenizer becomes ``WORKDIR/tokenizer.model``; a Hugging Face tokenizer's files go to
+  ``WORKDIR/hf_tokenizer/``.
+  """
+  if os.path.isfile(tokenizer.path):
+    target, files = os.path.join(workdir, TOKENIZER_FILE), {TOKENIZER_FILE: tokenizer.path}
+    directory = workdir
+  else:
+    directory = target = os.path.join(workdir, HF_TOKENIZER_DIR)
+    files = {os.path.basename(f): f for f in _tokenizer_files(tokenizer.path)}
+  for name, source in files.items():
+    destination = os.path.join(directory, name)
+    if os.path.abspath(source) != os.path.abspath(destination):
+      with open(source, "rb") as f:
+        atomic_write(destination, f.read())
   return target
 
 
@@ -191,12 +217,16 @@ def restore_for_inference(workdir: str, step: int | None = None, model_overrides
   Returns:
     ``(run_config, model, tokenizer_path)``: the run config saved with the checkpoint, the
     :class:`~ism_jax.Transformer` with restored parameters (on the default device), and the path of the
-    workdir's tokenizer model.
+    workdir's tokenizer: ``WORKDIR/tokenizer.model`` (load with ``ChatTokenizer.load``) or, for a run
+    started from a Hugging Face checkpoint, the folder ``WORKDIR/hf_tokenizer`` (load with
+    ``ism_jax.convert.load_hf_tokenizer``).
   """
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
   tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
-  if not os.path.isfile(tokenizer_path):
+  if not os.path.isfile(tokenizer_path) and os.path.isdir(os.path.join(workdir, HF_TOKENIZER_DIR)):
+    tokenizer_path = os.path.join(workdir, HF_TOKENIZER_DIR)
+  if not os.path.exists(tokenizer_path):
     raise FileNotFoundError(f"{tokenizer_path} is missing: {workdir} is not a training workdir, or its "
                             "tokenizer was deleted (training copies it there on start)")
   directory = os.path.join(workdir, CHECKPOINT_DIR)

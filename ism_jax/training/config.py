@@ -126,10 +126,11 @@ def _unknown_field_message(path: str, where: str) -> str:
   section = path.rpartition(".")[0]
   if section in _section_paths(schema):
     valid = [p for p in field_paths(schema) if p.startswith(section + ".")]
-    scope = f"of {section}"
-  else:
-    valid, scope = field_paths(schema), "are"
-  return f"unknown config field {path!r} ({where}). Valid fields {scope}: {', '.join(valid)}"
+    return f"unknown config field {path!r} ({where}). Valid fields of {section}: {', '.join(valid)}"
+  sections = [p for p in _section_paths(schema) if "." not in p]
+  fields = [p for p in field_paths(schema) if "." not in p]
+  return (f"unknown config field {path!r} ({where}). Valid sections: {', '.join(sections)} (fields are "
+          f"<section>.<name>, e.g. training.num_steps); valid top-level fields: {', '.join(fields)}")
 
 
 def _section_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -183,7 +183,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "tokens": jnp.sum((batch["segment_types"] != SegmentType.PAD).astype(jnp.float32)),
         "targets": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
         "attention_pairs": attention_pairs(batch, kind),
@@ -225,7 +225,7 @@ def make_eval_step(graphdef: nnx.GraphDef, num_rounds: int) -> Callable:
     starts_BT = mask_BT & (~shift(mask_BT, False) | (shift(batch["round_index"], -1) != batch["round_index"])
                            | (shift(batch["segment_ids"], -1) != batch["segment_ids"]))
     size = mask_BT.size
-    answer_id = jnp.where(mask_BT, jnp.cumsum(starts_BT.reshape(-1)) - 1, size).reshape(-1)
+    answer_id = jnp.where(mask_BT.reshape(-1), jnp.cumsum(starts_BT.reshape(-1)) - 1, size)
     any_wrong = jax.ops.segment_max(wrong_BT.reshape(-1).astype(jnp.int32), answer_id, num_segments=size + 1)
     exact_BT = starts_BT & (any_wrong[answer_id].reshape(mask_BT.shape) == 0)
     per_round = lambda x: jax.ops.segment_sum(x.reshape(-1).astype(jnp.float32), round_BT.reshape(-1),

@@ -1,0 +1,285 @@
+"""``train(config, workdir)``: the training loop.
+
+Order of work, so that nothing is written before every check has passed:
+
+1. validate the config; build the mesh; build the dataset and tokenizer if missing;
+2. if ``WORKDIR/checkpoints`` has a checkpoint: check that its tokenizer, vocabulary and model/data config
+   match this run (error otherwise), then restore parameters, optimizer state and the data iterator;
+3. copy the tokenizer into the workdir and write ``config.json``;
+4. loop: host batch → checked → sharded → jitted step. Every ``log_every`` steps the pending step metrics are
+   fetched (a NaN/Inf loss stops the run here, before any later checkpoint, so the newest checkpoint on
+   disk is the last good one), written to ``metrics.jsonl`` / TensorBoard and the progress bar; every
+   ``eval_every`` steps the validation set is evaluated; every ``checkpoint_every`` steps and at the end a
+   checkpoint is started (async);
+5. SIGTERM (or Ctrl-C) finishes the current step, saves a checkpoint and returns cleanly;
+6. at the end, a short greedy chat with the trained model is printed.
+
+The step has no randomness (no dropout), and the data order is a pure function of the seed and the iterator
+state, so a resumed run repeats the uninterrupted run's losses exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ism_jax import sharding
+from ism_jax.training import checkpointing, evaluation, flops, inputs, metrics
+from ism_jax.training import config as config_lib
+from ism_jax.training import train_step as ts
+from ism_jax.training.optimizer import optimizer_from_config
+
+_log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradient norm became NaN or Inf; training stopped without saving the bad state."""
+
+
+class _StopSignal:
+  """Turns SIGTERM / SIGINT into a flag checked after every step (a second Ctrl-C interrupts at once)."""
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no handlers
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class _IteratorSnapshot:
+  """The data iterator's state captured at save time (grain's checkpoint handler calls ``get_state``)."""
+
+  def __init__(self, state: dict):
+    self._data = json.dumps(state, indent=2).encode("utf-8")
+
+  def get_state(self) -> bytes:
+    return self._data
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """``jax.distributed.initialize()`` when ``distributed.enabled`` (call before any other JAX work)."""
+  d = config.distributed
+  if not d.enabled:
+    return
+  jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
+                             num_processes=d.num_processes or None,
+                             process_id=None if d.process_id < 0 else d.process_id)
+
+
+@dataclasses.dataclass
+class _Window:
+  """Step metrics since the last record, still on device until :meth:`fetch`."""
+
+  pending: list = dataclasses.field(default_factory=list)  # (step, metrics dict of device scalars)
+  start_time: float = 0.0
+  timed_steps: int = 0  # steps of ``pending`` that count for throughput (not the compile step)
+
+  def fetch(self, last_good: int | None, directory: str) -> list[tuple[int, dict[str, float]]]:
+    """The pending metrics as floats; raises :class:`NonFiniteLossError` at the first NaN/Inf loss or gradient."""
+    values = jax.device_get([m for _, m in self.pending])
+    out = [(step, {k: float(v) for k, v in m.items()}) for (step, _), m in zip(self.pending, values)]
+    for step, m in out:
+      bad = [f"{name} became {m[name]}" for name in ("loss", "grad_norm") if not np.isfinite(m[name])]
+      if bad:  # a non-finite gradient makes this step's parameters non-finite even if its loss is not
+        where = f"step {last_good} in {directory}" if last_good is not None else "none (no checkpoint yet)"
+        raise NonFiniteLossError(
+            f"{' and '.join(bad)} at step {step}; training stopped and this state was not saved. The last "
+            f"good checkpoint is {where}. Lower optimizer.learning_rate, raise optimizer.warmup_steps or set "
+            "optimizer.grad_clip_norm, then resume from the same --workdir")
+    return out
+
+
+def _record(window_values, seconds: float, timed_steps: int, model_config, peak, num_devices, lr) -> dict:
+  """The metrics.jsonl record of a window of steps."""
+  step, last = window_values[-1]
+  timed = window_values[len(window_values) - timed_steps:] if timed_steps else []
+  tokens = sum(m["tokens"] for _, m in timed)
+  step_flops = sum(flops.train_flops(model_config, m["tokens"], m["attention_pairs"]) for _, m in timed)
+  tokens_per_sec = tokens / seconds if timed and seconds > 0 else None
+  mfu = flops.mfu(step_flops, seconds, num_devices, peak) if timed else None
+  return {
+      "loss": last["loss"],
+      "loss_avg": float(np.mean([m["loss"] for _, m in window_values])),
+      "tokens_per_sec": tokens_per_sec,
+      "mfu": mfu,
+      "lr": float(lr(step)),
+      "grad_norm": last["grad_norm"],
+      "targets": last["targets"],
+  }
+
+
+def _restore_or_init(config, model_config, mesh, optimizer, checkpointer, latest, train_iter):
+  """The train state (restored from ``latest``, initialised from Hugging Face, or random) and shardings."""
+  graphdef, abstract_params, param_shardings = ts.abstract_model(model_config, mesh)
+  shardings = ts.train_state_shardings(optimizer, abstract_params, param_shardings, mesh)
+  with jax.set_mesh(mesh):
+    if latest is not None:
+      abstract = ts.abstract_train_state(optimizer, abstract_params, shardings)
+      params, opt_state = checkpointer.restore(latest, abstract.params, abstract.opt_state, train_iter)
+      return graphdef, ts.TrainState(params, opt_state), shardings
+    if config.init_from_hf:
+      graphdef, params = _hf_params(config, model_config, mesh)
+    else:
+      graphdef, params = ts.init_params(model_config, mesh, config.seed)
+    return graphdef, ts.init_train_state(optimizer, params, shardings), shardings
+
+
+def _hf_params(config, model_config, mesh):
+  """Parameters of the Hugging Face checkpoint ``config.init_from_hf``, created sharded on ``mesh``."""
+  try:
+    from ism_jax.convert import load_hf_model  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ValueError(f"config.init_from_hf={config.init_from_hf!r} needs ism_jax.convert.load_hf_model, which "
+                     f"could not be imported ({e}); set --config.init_from_hf='' to start from random weights"
+                     ) from e
+  runtime = {name: getattr(model_config, name)
+             for name in (*config_lib.MODEL_RUNTIME_FIELDS, "mask", "scan_layers", "param_dtype")}
+  hf_config, model = load_hf_model(config.init_from_hf, mesh, **runtime)
+  diffs = [f"model.{f.name}: checkpoint {getattr(hf_config, f.name)!r}, config {getattr(model_config, f.name)!r}"
+           for f in dataclasses.fields(model_config) if getattr(hf_config, f.name) != getattr(model_config, f.name)]
+  if diffs:
+    raise ValueError(f"config.init_from_hf={config.init_from_hf!r} does not match the run's model config: "
+                     + "; ".join(diffs) + ". Set these model fields to the checkpoint's values "
+                     "(configs/finetune_hf.py copies them from its config.json)")
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in ``workdir``. Returns the last metrics record (with eval results).
+
+  Raises:
+    ValueError: invalid config, data or a checkpoint that does not fit this run (nothing written).
+    NonFiniteLossError: the loss became NaN/Inf (the newest checkpoint is the last good one).
+  """
+  config_lib.validate(config)
+  model_config = config_lib.model_config(config)
+  primary = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  rows, accum = config.training.global_batch_size, config.training.grad_accum_steps
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (rows // accum) % shards:
+    raise ValueError(f"each microbatch of training.global_batch_size / grad_accum_steps = {rows // accum} rows "
+                     f"must divide evenly over the mesh's data x fsdp = {shards} devices")
+  pipe, tokenizer = inputs.prepare(config)
+  fingerprint = checkpointing.tokenizer_fingerprint(tokenizer)
+
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints,
+                                            config.training.async_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    checkpointing.check_resume(checkpointer.read_meta(latest), config, fingerprint, checkpointer.directory)
+  if primary:
+    checkpointing.install_tokenizer(workdir, tokenizer)
+    checkpointing.write_config(workdir, config)
+
+  optimizer, schedule = optimizer_from_config(config.optimizer, config.training.num_steps)
+  train_iter = inputs.train_iterator(pipe, tokenizer)
+  graphdef, state, shardings = _restore_or_init(config, model_config, mesh, optimizer, checkpointer, latest,
+                                                train_iter)
+  start = latest or 0
+  kind = model_config.mask
+  step_fn = ts.jit_train_step(ts.make_train_step(graphdef, optimizer, kind, accum), shardings, mesh)
+  eval_fn = ts.jit_eval_step(ts.make_eval_step(graphdef, evaluation.NUM_ROUNDS), shardings.params, mesh)
+  eval_batches = inputs.eval_batches(pipe, tokenizer, config.data.eval_max_dialogues, kind)
+
+  writer = metrics.MetricsWriter(workdir, enabled=primary, tensorboard=config.metrics.tensorboard,
+                                 resume_step=start)
+  progress = metrics.Progress(config.training.num_steps, start, enabled=primary)
+  peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_tflops_per_device)
+  if primary:
+    progress.message(
+        f"{'resuming from step ' + str(start) if start else 'starting'}: {model_config.num_params() / 1e6:.2f}M "
+        f"parameters, mask {kind!r}, mesh {dict(mesh.shape)}, {rows} rows x {config.data.seq_len} tokens per "
+        f"step, workdir {workdir}")
+  t = config.training
+  if start == 0 and t.eval_every and eval_batches:  # the starting point of the eval curves
+    with jax.set_mesh(mesh):
+      initial = evaluation.evaluate(eval_fn, state.params, eval_batches, mesh)
+    writer.write(0, initial)
+    progress.message(f"step 0: {evaluation.summary(initial)}")
+  window, saved, record, step = _Window(), latest, {}, start
+  try:
+    with _StopSignal() as stop, jax.set_mesh(mesh):
+      for step in range(start + 1, t.num_steps + 1):
+        host_batch = next(train_iter)
+        inputs.check_batch(host_batch, kind)
+        state, step_metrics = step_fn(state, ts.device_batch(host_batch, mesh))
+        window.pending.append((step, step_metrics))
+        if step == start + 1:  # compile step: block so that throughput windows exclude it
+          jax.block_until_ready(step_metrics)
+          window.start_time = time.time()
+        else:
+          window.timed_steps += 1
+        stopping = stop.received is not None
+        last = step == t.num_steps or stopping
+        do_eval = step == t.num_steps or (t.eval_every and step % t.eval_every == 0)
+        do_save = last or step % t.checkpoint_every == 0
+        if last or do_eval or do_save or step % t.log_every == 0:
+          values = window.fetch(saved, checkpointer.directory)
+          seconds = time.time() - window.start_time
+          record = _record(values, seconds, window.timed_steps, model_config, peak, jax.device_count(), schedule)
+          if do_eval and eval_batches:
+            record.update(evaluation.evaluate(eval_fn, state.params, eval_batches, mesh))
+            progress.message(f"step {step}: {evaluation.summary(record)}")
+          writer.write(step, record)
+          progress.update(step, record["loss"], record["tokens_per_sec"], record["mfu"])
+          window = _Window(start_time=time.time())
+        if do_save:
+          meta = checkpointing.checkpoint_meta(step, config, fingerprint)
+          checkpointer.save(step, state.params, state.opt_state, _IteratorSnapshot(train_iter.get_state()), meta)
+          saved = step
+        if config.debug.kill_at_step == step:
+          checkpointer.wait()
+          os.kill(os.getpid(), signal.SIGKILL)
+        if stopping:
+          progress.message(f"{stop.received} received: saved step {step} to {checkpointer.directory}; "
+                           "run the same command to resume")
+          break
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    progress.close()
+  if step == t.num_steps and config.sample.enabled and primary and jax.process_count() == 1:
+    _print_sample(config, state, graphdef, tokenizer, pipe, writer_step=step)
+  return {"step": step, **record}
+
+
+def _print_sample(config, state, graphdef, tokenizer, pipe, writer_step: int) -> None:
+  """Greedy multi-turn chat on the first validation dialogues' user turns."""
+  from ism_jax.training import sample  # pylint: disable=import-outside-toplevel
+  params = jax.device_put(state.params, jax.devices()[0])
+  model = nnx.merge(graphdef, params)
+  for i, dialogue in enumerate(inputs.sample_dialogues(pipe, config.sample.dialogues)):
+    turns = sample.sample_chat(model, tokenizer, dialogue, config.sample.rounds, config.sample.max_answer_tokens,
+                               max_len=config.data.seq_len)
+    print(f"\nsample chat {i + 1} (greedy, after step {writer_step}; user turns from the validation split):")
+    print(sample.format_chat(turns), flush=True)

@@ -1,0 +1,273 @@
+"""The training loop: falling loss, metrics, 1 vs 8 devices, exact resume after kill -9, NaN stop, SIGTERM,
+tokenizer/vocab mismatch, eval semantics, inference restore. Tiny model, tiny data, few compilations."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ism_jax import ModelConfig, SegmentType, Transformer, make_attention_mask, sharding
+from ism_jax.data.tokenizer import ChatTokenizer
+from ism_jax.training import checkpointing, flops, inputs, loop, metrics, sample
+from ism_jax.training import config as config_lib
+from ism_jax.training import train_step as ts
+from ism_jax.training.optimizer import make_optimizer
+from tests import layouts
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, CHECKPOINT_EVERY = 10, 3
+
+
+def tiny_config(data_dir: str):
+  """A few-thousand-parameter model on the small synthetic dataset: 10 steps of 8 x 128 tokens."""
+  config = config_lib.base_config()
+  config.model.update(vocab_size=320, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                      mlp_dim=64, compute_dtype="float32", attention_impl="xla", tie_embeddings=True)
+  config.data.update(name="synthetic_multiturn/small", data_dir=data_dir, vocab_size=300, seq_len=128,
+                     eval_max_dialogues=24, num_threads=1)
+  config.optimizer.update(learning_rate=1e-2, warmup_steps=0, weight_decay=0.0)
+  config.training.update(num_steps=STEPS, global_batch_size=8, log_every=1, eval_every=5,
+                         checkpoint_every=CHECKPOINT_EVERY, keep_checkpoints=5)
+  config.metrics.tensorboard = True
+  config.sample.update(enabled=True, rounds=2, max_answer_tokens=8)
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """The small synthetic dataset and its 300-piece tokenizer, built once."""
+  path = str(tmp_path_factory.mktemp("data"))
+  inputs.prepare(tiny_config(path))
+  return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+  """One uninterrupted run: (workdir, returned record, metrics records, stdout)."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  record = loop.train(tiny_config(data_dir), workdir)
+  return workdir, record, metrics.read_metrics(workdir)
+
+
+def _train_losses(records):
+  return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_loss_falls_and_metrics_are_written(reference_run):
+  workdir, record, records = reference_run
+  losses = _train_losses(records)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  assert losses[STEPS] < losses[1] - 1.0, losses
+  evals = [r for r in records if "eval/loss" in r]
+  assert [r["step"] for r in evals] == [0, 5, 10]
+  assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 1.0
+  assert {"eval/loss_round_0", "eval/exact_match", "eval/exact_match_round_0"} <= set(evals[-1])
+  assert all(r["tokens_per_sec"] > 0 for r in records[2:] if "loss" in r)
+  assert record["step"] == STEPS and record["eval/loss"] == evals[-1]["eval/loss"]
+  assert os.listdir(os.path.join(workdir, metrics.TENSORBOARD_DIR))
+  assert os.path.isfile(os.path.join(workdir, checkpointing.TOKENIZER_FILE))
+  assert json.load(open(os.path.join(workdir, checkpointing.CONFIG_FILE)))["model"]["mask"] == "ism"
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)) if s.isdigit())
+  assert steps == [3, 6, 9, 10]
+
+
+def test_restore_for_inference_gives_the_trained_model(reference_run, data_dir):
+  workdir = reference_run[0]
+  run_config, model, tokenizer_path = checkpointing.restore_for_inference(workdir)
+  assert run_config.training.num_steps == STEPS and tokenizer_path.endswith("tokenizer.model")
+  _, earlier, _ = checkpointing.restore_for_inference(workdir, step=CHECKPOINT_EVERY)
+  batch = layouts.random_packed_batch(np.random.default_rng(0), batch=2, length=24)
+  logits = model(batch["tokens"], batch["segment_types"], batch["segment_ids"])
+  assert float(jnp.abs(logits - earlier(batch["tokens"], batch["segment_types"], batch["segment_ids"])).max()) > 0
+  # The sample chat runs on the restored model under every mask kind.
+  dialogue = inputs.sample_dialogues(inputs.pipeline_config(tiny_config(data_dir)), 1)[0]
+  tokenizer = ChatTokenizer.load(tokenizer_path)
+  for kind in ("ism", "causal", "prefix"):
+    chat = sample.GreedyChat(model, tokenizer, max_len=128, kind=kind)
+    assert isinstance(chat.reply(dialogue[:1], max_answer_tokens=4), str)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    checkpointing.restore_for_inference(os.path.join(workdir, "nope"))
+  with pytest.raises(FileNotFoundError, match=r"checkpoints/7; available steps: \[3, 6, 9, 10\]"):
+    checkpointing.restore_for_inference(workdir, step=7)
+
+
+def test_resume_after_kill_9_reproduces_the_losses(reference_run, data_dir, tmp_path):
+  """A run killed with SIGKILL after step 5 (checkpoint at 3) resumes from 3 and matches step for step."""
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(f"from tests.test_training import tiny_config\n\n\ndef get_config():\n"
+                         f"  return tiny_config({data_dir!r})\n")
+  workdir = str(tmp_path / "run")
+  killed = subprocess.run(
+      [sys.executable, "train.py", f"--config={config_file}", f"--workdir={workdir}",
+       "--config.debug.kill_at_step=5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert max(_train_losses(metrics.read_metrics(workdir))) == 5
+  assert checkpointing.Checkpointer(workdir).latest_step() == 3
+  loop.train(tiny_config(data_dir), workdir)
+  resumed = _train_losses(metrics.read_metrics(workdir))
+  assert resumed == _train_losses(reference_run[2])  # exact: every step 1..10, no duplicates
+
+
+def test_sigterm_saves_and_returns(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  config.training.update(num_steps=10_000, checkpoint_every=10_000, eval_every=0)
+  workdir = str(tmp_path)
+
+  def send_sigterm_after_two_records():
+    while len(metrics.read_metrics(workdir)) < 2:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=send_sigterm_after_two_records, daemon=True).start()
+  record = loop.train(config, workdir)
+  assert 2 <= record["step"] < 10_000
+  assert checkpointing.Checkpointer(workdir).latest_step() == record["step"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  config.optimizer.update(learning_rate=1e30, grad_clip_norm=0.0)  # parameters overflow within 2 steps
+  config.training.update(checkpoint_every=1, eval_every=0)
+  with pytest.raises(loop.NonFiniteLossError, match=r"became (nan|inf) at step \d+;.*last good checkpoint is"
+                     ) as error:
+    loop.train(config, str(tmp_path))
+  bad_step = int(error.value.args[0].split(" at step ")[1].split(";")[0])
+  assert bad_step > 1
+  assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == bad_step - 1
+  _, model, _ = checkpointing.restore_for_inference(str(tmp_path))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+def test_mismatched_tokenizer_or_vocab_is_refused_before_training(reference_run, data_dir, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(reference_run[0], workdir)
+  before = sorted(os.listdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)))
+  other = ChatTokenizer.train(["a different corpus " * 3, "with other words entirely"] * 50, vocab_size=310,
+                              model_path=str(tmp_path / "other.model"))
+  config = tiny_config(data_dir)
+  config.data.tokenizer_path = other.path
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="different tokenizer|310-piece|pieces"):
+    loop.train(config, workdir)
+  config = tiny_config(data_dir)
+  config.model.vocab_size = 384
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="model.vocab_size: checkpoint 320, now 384"):
+    loop.train(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))) == before
+  with open(os.path.join(workdir, checkpointing.TOKENIZER_FILE), "rb") as f:
+    assert f.read() == open(os.path.join(reference_run[0], checkpointing.TOKENIZER_FILE), "rb").read()
+
+
+def test_loss_on_a_visible_target_is_refused():
+  batch = layouts.random_packed_batch(np.random.default_rng(3), batch=2, length=32)
+  loss_mask = np.zeros_like(batch["tokens"])
+  row, col = np.argwhere((batch["segment_types"][:, :-1] == SegmentType.QUERY)
+                         & (batch["segment_types"][:, 1:] == SegmentType.QUERY))[0]
+  loss_mask[row, col] = 1
+  with pytest.raises(ValueError, match=rf"loss_mask\[row {row}, position {col}\]"):
+    inputs.check_batch({**batch, "loss_mask": loss_mask}, "ism")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The steps.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _answer_loss_batch(seed: int, rows: int = 8, length: int = 32) -> dict[str, np.ndarray]:
+  """A random packed batch with loss on every position whose next token is an answer token of its dialogue."""
+  batch = layouts.random_packed_batch(np.random.default_rng(seed), batch=rows, length=length)
+  types, ids = batch["segment_types"], batch["segment_ids"]
+  loss_mask = (np.roll(types, -1, axis=1) == SegmentType.ANSWER) & (np.roll(ids, -1, axis=1) == ids) & (ids != 0)
+  loss_mask[:, -1] = False
+  rounds = np.cumsum((types == SegmentType.QUERY) & (np.roll(types, 1, axis=1) != SegmentType.QUERY), axis=1)
+  return {**batch, "loss_mask": loss_mask.astype(np.int32), "round_index": np.where(ids > 0, rounds, -1)}
+
+
+def _run_steps(mesh, grad_accum_steps: int, batches) -> list[float]:
+  config = ModelConfig.tiny(vocab_size=64)
+  optimizer, _ = make_optimizer(1e-2, total_steps=10, warmup_steps=2, weight_decay=0.1, grad_clip_norm=1.0)
+  graphdef, abstract_params, param_shardings = ts.abstract_model(config, mesh)
+  shardings = ts.train_state_shardings(optimizer, abstract_params, param_shardings, mesh)
+  _, params = ts.init_params(config, mesh, seed=0)
+  state = ts.init_train_state(optimizer, params, shardings)
+  step = ts.jit_train_step(ts.make_train_step(graphdef, optimizer, "ism", grad_accum_steps), shardings, mesh)
+  losses = []
+  with jax.set_mesh(mesh):
+    for batch in batches:
+      state, step_metrics = step(state, ts.device_batch(batch, mesh))
+      losses.append(float(step_metrics["loss"]))
+  return losses
+
+
+def test_one_device_and_eight_devices_give_the_same_losses():
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
+  batches = [_answer_loss_batch(seed) for seed in range(4)]
+  one = _run_steps(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]), 1, batches)
+  eight = _run_steps(sharding.make_mesh(data=2, fsdp=2, tensor=2), 1, batches)
+  accumulated = _run_steps(sharding.make_mesh(data=2, fsdp=2, tensor=2), 2, batches)
+  np.testing.assert_allclose(eight, one, rtol=2e-6)
+  np.testing.assert_allclose(accumulated, one, rtol=2e-6)
+  assert one[-1] < one[0]
+
+
+def test_eval_step_matches_a_numpy_reference():
+  config = ModelConfig.tiny(vocab_size=64)
+  model = Transformer(config, rngs=nnx.Rngs(2))
+  batch = _answer_loss_batch(5)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  sums = jax.jit(ts.make_eval_step(graphdef, num_rounds=3))(params, batch)
+  nll, logits = ts.token_losses(graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()})
+  nll, correct = np.asarray(nll), np.asarray(jnp.argmax(logits, -1)) == np.roll(batch["tokens"], -1, axis=1)
+  expected = {k: np.zeros(3) for k in ("nll", "targets", "answers", "exact")}
+  for row in range(batch["tokens"].shape[0]):
+    t = 0
+    while t < batch["tokens"].shape[1]:
+      if not batch["loss_mask"][row, t]:
+        t += 1
+        continue
+      end = t
+      while end < batch["tokens"].shape[1] and batch["loss_mask"][row, end] and \
+          batch["round_index"][row, end] == batch["round_index"][row, t]:
+        end += 1
+      r = min(batch["round_index"][row, t], 2)
+      expected["nll"][r] += nll[row, t:end].sum()
+      expected["targets"][r] += end - t
+      expected["answers"][r] += 1
+      expected["exact"][r] += correct[row, t:end].all()
+      t = end
+  for key, value in expected.items():
+    np.testing.assert_allclose(sums[key], value, rtol=1e-5, err_msg=key)
+  assert expected["answers"].sum() > 5
+
+
+def test_flops_count_allowed_pairs():
+  batch = _answer_loss_batch(7, rows=2, length=24)
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+  for kind in ("ism", "causal", "prefix"):
+    mask = np.asarray(make_attention_mask(jbatch["segment_types"], jbatch["segment_ids"], kind))
+    real = batch["segment_types"] != SegmentType.PAD
+    assert float(ts.attention_pairs(jbatch, kind)) == mask[real].sum()
+  config = ModelConfig.tiny(tie_embeddings=True)
+  per_layer = 32 * 8 * (2 * 4 + 2 * 2) + 3 * 32 * 64
+  assert flops.matmul_params(config) == 2 * per_layer + 32 * 64
+  assert flops.train_flops(config, tokens=10, attention_pairs=100) == 6 * (2 * per_layer + 2048) * 10 + \
+      12 * 2 * 4 * 8 * 100
+  assert flops.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989.4e12
+  assert flops.peak_flops_per_device("cpu") is None
