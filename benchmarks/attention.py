@@ -171,6 +171,43 @@ HEADER = ("|      T |   B | implementation  |  fwd ms   | fwd+bwd ms| ratio  | r
           "|-------:|----:|:----------------|----------:|----------:|-------:|-------:|--------:|--------:|")
 
 
+def kernel_breakdown(length: int, args) -> None:
+  """Times the three passes of the ISM kernel separately (forward, dq, dk/dv) with ``args.tuning``."""
+  from ism_jax.attention import gpu_backward, gpu_forward, tiles  # pylint: disable=g-import-not-at-top
+  from ism_jax.attention.gpu_common import GpuTuning  # pylint: disable=g-import-not-at-top
+  tuning = GpuTuning(**args.tuning)
+  batch = max(1, args.tokens // length)
+  types, ids = dialogue_layout(np.random.default_rng(args.seed), batch, length)
+  r = make_attention_ranges(jnp.asarray(types), jnp.asarray(ids), "ism")
+  keys = jax.random.split(jax.random.key(args.seed), 4)
+  q = jax.random.normal(keys[0], (batch, length, args.heads, args.head_dim), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (batch, length, args.kv_heads, args.head_dim), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (batch, length, args.kv_heads, args.head_dim), jnp.bfloat16)
+  do = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+  scale = args.head_dim ** -0.5
+  fwd_bounds = tiles.tile_bounds(r.k_lo, r.k_hi, row_tile=tuning.block_q, col_tile=tuning.block_kv)
+  dq_bounds = tiles.tile_bounds(r.k_lo, r.k_hi, row_tile=tuning.dq_block_q, col_tile=tuning.dq_block_kv)
+  dkv_bounds = tiles.tile_bounds(r.q_lo, r.q_hi, row_tile=tuning.dkv_block_kv, col_tile=tuning.dkv_block_q)
+  kw = dict(scale=scale, tuning=tuning)
+  forward = jax.jit(lambda *a: gpu_forward.forward(*a, **kw))
+  out, lse = forward(q, k, v, r.k_lo, r.k_hi, fwd_bounds)
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+  dq = jax.jit(lambda *a: gpu_backward.dq_pass(*a, **kw))
+  dkv = jax.jit(lambda *a: gpu_backward.dkv_pass(*a, **kw))
+  times = [median_time(forward, (q, k, v, r.k_lo, r.k_hi, fwd_bounds), args.reps),
+           median_time(dq, (q, k, v, do, lse, delta, r.k_lo, r.k_hi, dq_bounds), args.reps),
+           median_time(dkv, (q, k, v, do, lse, delta, r.q_lo, r.q_hi, dkv_bounds), args.reps)]
+  flops = 4 * args.head_dim * args.heads * allowed_pairs(r)
+  rates = [flops * f / t / 1e12 for f, t in zip((1.0, 1.5, 2.0), times)]  # dq: 3 matmuls, dk/dv: 4
+  print(f"| {length:6d} | {args.tuning or 'default'} | " + " | ".join(
+      f"{t * 1e3:7.2f} ms {x:4.0f} TF/s" for t, x in zip(times, rates)) + " |", flush=True)
+
+
+def _tuning_override(text: str) -> tuple[str, int]:
+  name, value = text.split("=")
+  return name, int(value)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
@@ -181,12 +218,25 @@ def main(argv=None) -> None:
   parser.add_argument("--reps", type=int, default=10)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--packed", action="store_true", help="pack several dialogues per row")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="time the kernel's forward, dq and dk/dv passes separately instead of the table")
+  parser.add_argument("--tuning", type=_tuning_override, nargs="*", default=[],
+                      help="GpuTuning overrides for --breakdown, e.g. dq_block_kv=128")
   parser.add_argument("--only", nargs="*", default=None, help="implementation names to run")
   args = parser.parse_args(argv)
   device = jax.devices()[0]
   layout = "packed dialogues" if args.packed else "one dialogue per row"
   print(f"# {datetime.date.today()} {device.device_kind}, jax {jax.__version__}, H={args.heads} "
         f"K={args.kv_heads} D={args.head_dim} bf16, {args.tokens} tokens per step, {layout}", flush=True)
+  args.tuning = dict(args.tuning)
+  if args.breakdown:
+    print("|      T | tuning | forward | dq | dk/dv |")
+    for length in args.lengths:
+      try:
+        kernel_breakdown(length, args)
+      except Exception as error:  # noqa: BLE001 - a tuning that does not compile is reported
+        print(f"| {length:6d} | {args.tuning} | failed: {type(error).__name__}: {str(error)[:200]} |")
+    return
   all_rows = []
   for length in args.lengths:
     all_rows += bench_length(length, args)

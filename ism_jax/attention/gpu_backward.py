@@ -43,11 +43,11 @@ def _copy_rows(pairs, barrier):
 def _dq_compute_wg(refs, scratch, *, wg, run: gc.Run, scale: float, block_q: int, block_kv: int,
                    stages: int):
   q_ref, do_ref, lse_ref, delta_ref, klo_ref, khi_ref, dq_ref = refs
-  k_ring, v_ring, q2, do2, lo2, hi2, lse2, delta2, stage2, row_bars, kv_bars, kv_free = scratch
+  k_ring, v_ring, q2, do2, lo2, hi2, lse2, delta2, staging2, row_bars, kv_bars, kv_free = scratch
   batch, head, cta = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
   row0 = (_WGS * cta + wg) * block_q
   rows = pl.ds(row0, block_q)
-  q_smem, do_smem, stage = q2.at[wg], do2.at[wg], (None if stage2 is None else stage2.at[wg])
+  q_smem, do_smem, staging = q2.at[wg], do2.at[wg], (None if staging2 is None else staging2.at[wg])
   plgpu.set_max_registers(232, action="increase")
   _copy_rows([(q_ref.at[batch, rows, head], q_smem), (do_ref.at[batch, rows, head], do_smem),
               (lse_ref.at[batch, head, rows], lse2.at[wg]), (delta_ref.at[batch, head, rows], delta2.at[wg]),
@@ -70,7 +70,7 @@ def _dq_compute_wg(refs, scratch, *, wg, run: gc.Run, scale: float, block_q: int
     if mode == "masked":
       p = jnp.where(gc.visible(lo_rows, hi_rows, kv * block_kv, tile), p, 0.0)
     ds = p * (dp - gc.by_row(delta_rows, tile))
-    dq = gc.matmul_acc(dq, ds.astype(q_smem.dtype), k_ring.at[slot], a_stage=stage)
+    dq = gc.matmul_acc(dq, ds.astype(q_smem.dtype), k_ring.at[slot], a_staging=staging)
     plgpu.barrier_arrive(kv_free.at[slot])
     return dq
 
@@ -162,10 +162,11 @@ def dq_pass(q, k, v, do, lse, delta, k_lo, k_hi, bounds, *, scale: float, tuning
 def _dkv_compute_wg(refs, scratch, *, wg, run: gc.Run, scale: float, group: int, block_kv: int,
                     block_q: int, stages: int):
   k_ref, v_ref, qlo_ref, qhi_ref, dk_ref, dv_ref = refs
-  q_ring, do_ring, lse_ring, delta_ring, k2, v2, lo2, hi2, stage2, row_bars, q_bars, q_free = scratch
+  q_ring, do_ring, lse_ring, delta_ring, k2, v2, lo2, hi2, staging2, row_bars, q_bars, q_free = scratch
   batch, kv_head, cta = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_seq")
   keys = pl.ds((_WGS * cta + wg) * block_kv, block_kv)
-  k_smem, v_smem, stage = k2.at[wg], v2.at[wg], (None if stage2 is None else stage2.at[wg])
+  k_smem, v_smem = k2.at[wg], v2.at[wg]
+  staging = None if staging2 is None else (staging2.at[wg, 0], staging2.at[wg, 1])
   plgpu.set_max_registers(232, action="increase")
   _copy_rows([(k_ref.at[batch, keys, kv_head], k_smem), (v_ref.at[batch, keys, kv_head], v_smem),
               (qlo_ref.at[batch, keys], lo2.at[wg]), (qhi_ref.at[batch, keys], hi2.at[wg])],
@@ -184,14 +185,13 @@ def _dkv_compute_wg(refs, scratch, *, wg, run: gc.Run, scale: float, group: int,
         plgpu.barrier_arrive(q_free.at[slot])
         return carry
       q_smem, do_smem = q_ring.at[slot], do_ring.at[slot]
-      s_t = gc.matmul(k_smem, q_smem.transpose((1, 0)), tile)
+      s_t, dp_t = gc.matmul2(k_smem, q_smem.transpose((1, 0)), v_smem, do_smem.transpose((1, 0)), tile)
       p_t = jnp.exp2(s_t * coef - gc.by_col(plgpu.load(lse_ring.at[slot], layout=gc.COLS), tile))
       if mode == "masked":
         p_t = jnp.where(gc.visible(lo_rows, hi_rows, qt * block_q, tile), p_t, 0.0)
-      dv = gc.matmul_acc(dv, p_t.astype(dtype), do_smem, a_stage=stage)
-      dp_t = gc.matmul(v_smem, do_smem.transpose((1, 0)), tile)
       ds_t = p_t * (dp_t - gc.by_col(plgpu.load(delta_ring.at[slot], layout=gc.COLS), tile))
-      dk = gc.matmul_acc(dk, ds_t.astype(dtype), q_smem, a_stage=stage)
+      dv, dk = gc.matmul_acc2(dv, p_t.astype(dtype), do_smem, dk, ds_t.astype(dtype), q_smem,
+                              a_staging=staging)
       plgpu.barrier_arrive(q_free.at[slot])
       return dk, dv
 
@@ -273,7 +273,7 @@ def dkv_pass(q, k, v, do, lse, delta, q_lo, q_hi, bounds, *, scale: float, tunin
       gc.tiled_smem((_WGS, block_kv, head_dim), dtype),  # v, then dv
       plgpu.SMEM((_WGS, block_kv), jnp.int32),  # q_lo of the keys
       plgpu.SMEM((_WGS, block_kv), jnp.int32),  # q_hi of the keys
-      gc.tiled_smem((_WGS, block_kv, block_q), dtype) if interpret else None,  # p^T / ds^T staging
+      gc.tiled_smem((_WGS, 2, block_kv, block_q), dtype) if interpret else None,  # p^T, ds^T staging
       plgpu.Barrier(num_arrivals=4, num_barriers=_WGS),  # the four row buffers arrived
       plgpu.Barrier(num_arrivals=4, num_barriers=stages),  # q, dout, lse, delta slot filled
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),  # slot free

@@ -103,12 +103,12 @@ def matmul2(a1_ref, b1_ref, a2_ref, b2_ref, shape: tuple[int, int]):
   return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
 
 
-def matmul_acc(acc, a, b_ref, *, a_stage=None, after_issue: Callable[[], None] | None = None):
-  """``acc + a @ b`` with ``a`` in registers. ``a_stage``: shared-memory staging buffer (interpret mode)."""
-  if a_stage is not None:
-    a_stage[...] = a
+def matmul_acc(acc, a, b_ref, *, a_staging=None, after_issue: Callable[[], None] | None = None):
+  """``acc + a @ b`` with ``a`` in registers. ``a_staging``: shared-memory staging buffer (interpret mode)."""
+  if a_staging is not None:
+    a_staging[...] = a
     plgpu.commit_smem()
-    return acc + matmul(a_stage, b_ref, acc.shape, after_issue=after_issue)
+    return acc + matmul(a_staging, b_ref, acc.shape, after_issue=after_issue)
 
   def body(acc_ref):
     plgpu.wgmma(acc_ref, a, b_ref)
@@ -116,6 +116,24 @@ def matmul_acc(acc, a, b_ref, *, a_stage=None, after_issue: Callable[[], None] |
       after_issue()
 
   return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def matmul_acc2(acc1, a1, b1_ref, acc2, a2, b2_ref, *, a_staging=None):
+  """``(acc1 + a1 @ b1, acc2 + a2 @ b2)``, ``a1, a2`` in registers, both issued before either is awaited.
+  ``a_staging``: two shared-memory staging buffers (interpret mode)."""
+  if a_staging is not None:
+    a_staging[0][...] = a1
+    a_staging[1][...] = a2
+    plgpu.commit_smem()
+    prod1, prod2 = matmul2(a_staging[0], b1_ref, a_staging[1], b2_ref, acc1.shape)
+    return acc1 + prod1, acc2 + prod2
+
+  def body(refs):
+    acc1_ref, acc2_ref = refs
+    plgpu.wgmma(acc1_ref, a1, b1_ref)
+    plgpu.wgmma(acc2_ref, a2, b2_ref)
+
+  return pl.run_state(body)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
 
 
 def zeros(shape: tuple[int, ...], layout=plgpu.Layout.WGMMA) -> jax.Array:

@@ -24,13 +24,13 @@ from ism_jax.attention import gpu_common as gc
 
 def _compute_wg(refs, scratch, *, wg, run: gc.Run, scale: float, tuning: gc.GpuTuning, staged: bool):
   q_ref, k_smem, v_smem, klo_ref, khi_ref, o_ref, lse_ref = refs
-  (q_smem2, lo_smem2, hi_smem2, lse_smem2, p_stage2, q_bars, lo_bars, hi_bars, k_bars, v_bars, k_free,
+  (q_smem2, lo_smem2, hi_smem2, lse_smem2, p_staging2, q_bars, lo_bars, hi_bars, k_bars, v_bars, k_free,
    v_free, schedule) = scratch
   batch, head, cta = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
   block_q, block_kv, stages = tuning.block_q, tuning.block_kv, tuning.stages
   row0 = (gc.COMPUTE_WGS * cta + wg) * block_q
   q_smem, lo_smem, hi_smem, lse_smem = q_smem2.at[wg], lo_smem2.at[wg], hi_smem2.at[wg], lse_smem2.at[wg]
-  p_stage = p_stage2.at[wg] if staged else None
+  p_staging = p_staging2.at[wg] if staged else None
   plgpu.set_max_registers(232, action="increase")
   plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, block_q), head], q_smem, q_bars.at[wg])
   plgpu.copy_gmem_to_smem(klo_ref.at[batch, pl.ds(row0, block_q)], lo_smem, lo_bars.at[wg])
@@ -77,7 +77,7 @@ def _compute_wg(refs, scratch, *, wg, run: gc.Run, scale: float, tuning: gc.GpuT
     plgpu.barrier_arrive(schedule)
     plgpu.barrier_wait(v_bars.at[slot])
     plgpu.barrier_wait(schedule)
-    acc = gc.matmul_acc(acc, p16, v_smem.at[slot], a_stage=p_stage, after_issue=lambda: wait_next_k(kv))
+    acc = gc.matmul_acc(acc, p16, v_smem.at[slot], a_staging=p_staging, after_issue=lambda: wait_next_k(kv))
     plgpu.barrier_arrive(v_free.at[slot])
     return acc, m_new, l
 

@@ -187,8 +187,8 @@ def dq_pass(q, k, v, do, lse, delta, lo, hi, bounds, *, scale: float, tuning: Tp
   row_range = pl.BlockSpec((None, bq, 1), lambda b, h, i, j, _: (b, i, 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1, grid=(batch, heads, nq, nk),
-      in_specs=[rows, pl.BlockSpec((None, None, bk, dim), kv_map), pl.BlockSpec((None, None, bk, dim), kv_map),
-                rows, row_stat, row_stat, row_range, row_range],
+      in_specs=[rows, pl.BlockSpec((None, None, bk, dim), kv_map),
+                pl.BlockSpec((None, None, bk, dim), kv_map), rows, row_stat, row_stat, row_range, row_range],
       out_specs=rows, scratch_shapes=[pltpu.VMEM((bq, dim), jnp.float32)])
   kernel = functools.partial(_dq_kernel, scale=scale, num_q_tiles=nq, block_kv=bk)
   return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
