@@ -99,7 +99,7 @@ def test_restore_for_inference_gives_the_trained_model(reference_run, data_dir):
   # The sample chat runs on the restored model under every mask kind.
   dialogue = inputs.sample_dialogues(inputs.pipeline_config(tiny_config(data_dir)), 1)[0]
   tokenizer = ChatTokenizer.load(tokenizer_path)
-  for kind in ("ism", "causal", "prefix"):
+  for kind in ("ism", "prefix"):  # prefix re-runs the history every round, ism reuses the cache
     chat = sample.GreedyChat(model, tokenizer, max_len=128, kind=kind)
     assert isinstance(chat.reply(dialogue[:1], max_answer_tokens=4), str)
   with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -233,7 +233,7 @@ def test_eval_step_matches_a_numpy_reference():
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   sums = jax.jit(ts.make_eval_step(graphdef, num_rounds=3))(params, batch)
-  nll, logits = ts.token_losses(graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()})
+  nll, logits = jax.jit(lambda p, b: ts.token_losses(graphdef, p, b))(params, batch)
   nll, correct = np.asarray(nll), np.asarray(jnp.argmax(logits, -1)) == np.roll(batch["tokens"], -1, axis=1)
   expected = {k: np.zeros(3) for k in ("nll", "targets", "answers", "exact")}
   for row in range(batch["tokens"].shape[0]):

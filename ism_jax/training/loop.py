@@ -47,13 +47,27 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _StopSignal:
-  """Turns SIGTERM / SIGINT into a flag checked after every step (a second Ctrl-C interrupts at once)."""
+  """Turns SIGTERM / SIGINT into a flag checked after every step (a second Ctrl-C interrupts at once).
 
-  def __init__(self):
+  Multi-host runs install no handler: there JAX's preemption service catches SIGTERM and every process
+  stops at the same step (``CheckpointManager.reached_preemption``), as a collective checkpoint needs.
+  """
+
+  def __init__(self, checkpointer: checkpointing.Checkpointer):
     self.received: str | None = None
     self._previous = {}
+    self._checkpointer = checkpointer
+    self._multihost = jax.process_count() > 1
+
+  def stopping(self, step: int) -> bool:
+    """Whether to save and stop after ``step``."""
+    if self._multihost and self.received is None and self._checkpointer.manager.reached_preemption(step):
+      self.received = "preemption"
+    return self.received is not None
 
   def __enter__(self):
+    if self._multihost:
+      return self
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -227,7 +241,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     progress.message(f"step 0: {evaluation.summary(initial)}")
   window, saved, record, step = _Window(), latest, {}, start
   try:
-    with _StopSignal() as stop, jax.set_mesh(mesh):
+    with _StopSignal(checkpointer) as stop, jax.set_mesh(mesh):
       for step in range(start + 1, t.num_steps + 1):
         host_batch = next(train_iter)
         inputs.check_batch(host_batch, kind)
@@ -238,7 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           window.start_time = time.time()
         else:
           window.timed_steps += 1
-        stopping = stop.received is not None
+        stopping = stop.stopping(step)
         last = step == t.num_steps or stopping
         do_eval = step == t.num_steps or (t.eval_every and step % t.eval_every == 0)
         do_save = last or step % t.checkpoint_every == 0
