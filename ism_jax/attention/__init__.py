@@ -5,16 +5,21 @@
 ``ranges`` is an :class:`ism_jax.masks.MaskRanges` (the O(T) mask form), so every implementation serves
 all three mask kinds. Implementations:
 
-=============  =================================================================================
-``xla``        dense ``[B, T, S]`` mask, plain XLA (reference; any backend)
-``xla_chunked``query chunks under ``jax.checkpoint``; never builds the full ``[T, S]`` mask (CPU default)
-``pallas_gpu`` block-sparse Pallas kernel for NVIDIA GPUs (GPU default)
-``pallas_tpu`` block-sparse Pallas kernel for TPUs (TPU default)
-=============  =================================================================================
+===============  ===============================================================================
+``xla``          dense ``[B, T, S]`` mask, plain XLA (reference; any backend)
+``xla_chunked``  query chunks under ``jax.checkpoint``; never builds the full ``[T, S]`` mask (CPU default)
+``pallas_gpu``   block-sparse Pallas (Mosaic GPU) kernel for NVIDIA Hopper GPUs (GPU default)
+``pallas_tpu``   block-sparse Pallas kernel for TPUs (TPU default)
+===============  ===============================================================================
 
 ``impl="auto"`` picks by the default backend. The Pallas kernels need both range pairs (``q_lo``/``q_hi``
 for the backward pass) and equal query and key lengths; calls that do not fit them (decoding against a KV
 cache) fall back to ``xla``.
+
+Under a multi-device mesh (``jax.set_mesh``) the XLA paths are partitioned by the compiler, but a Pallas
+kernel is opaque to it; so the kernels run under ``jax.shard_map``: every device attends over its own
+rows (batch split over the ``batch`` mesh axes) and, where query and KV heads both divide the ``tensor``
+axis, its own heads. Attention never mixes rows or heads, so no communication is needed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import importlib
 from typing import Callable
 
 import jax
+from jax.sharding import PartitionSpec
 
+from ism_jax import sharding
 from ism_jax.attention.xla import chunked_attention, dense_attention
 from ism_jax.masks import MaskRanges
 
@@ -54,6 +61,24 @@ def _implementation(impl: str) -> Callable:
   return importlib.import_module(_KERNEL_MODULES[impl]).attention
 
 
+def per_device(kernel: Callable, q_BTHD, k_BSKD, v_BSKD, ranges: MaskRanges, **kwargs) -> jax.Array:
+  """Runs ``kernel`` on each device's rows and heads under the current mesh (directly without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(q_BTHD, k_BSKD, v_BSKD, ranges, **kwargs)
+  mesh_shape = dict(mesh.shape)
+  q_spec = sharding.logical_to_spec(("batch", "length", "heads", None), q_BTHD.shape, mesh_shape)
+  kv_spec = sharding.logical_to_spec(("batch", "length", "kv_heads", None), k_BSKD.shape, mesh_shape)
+  if q_spec[2] != kv_spec[2]:  # heads split only where query and KV heads split alike
+    q_spec = PartitionSpec(q_spec[0], None, None, None)
+    kv_spec = PartitionSpec(kv_spec[0], None, None, None)
+  rows = PartitionSpec(q_spec[0], None)
+  ranges_spec = MaskRanges(rows, rows, rows, rows)
+  run = jax.shard_map(lambda q, k, v, r: kernel(q, k, v, r, **kwargs), mesh=mesh,
+                      in_specs=(q_spec, kv_spec, kv_spec, ranges_spec), out_specs=q_spec, check_vma=False)
+  return run(q_BTHD, k_BSKD, v_BSKD, ranges)
+
+
 def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: MaskRanges, *,
               impl: str = "auto", scale: float | None = None) -> jax.Array:
   """Masked multi-head attention with grouped KV heads.
@@ -79,7 +104,9 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: M
   kernel_fits = ranges.q_lo is not None and q_BTHD.shape[1] == k_BSKD.shape[1]
   if impl.startswith("pallas") and not kernel_fits:
     impl = "xla"
+  if impl.startswith("pallas"):
+    return per_device(_implementation(impl), q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale)
   return _implementation(impl)(q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale)
 
 
-__all__ = ["IMPLEMENTATIONS", "attention", "chunked_attention", "dense_attention", "resolve_impl"]
+__all__ = ["IMPLEMENTATIONS", "attention", "chunked_attention", "dense_attention", "per_device", "resolve_impl"]
