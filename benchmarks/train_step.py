@@ -103,6 +103,7 @@ class Result:
   tokens_per_sec: float
   mfu: float | None
   tflops_per_sec: float
+  peak_memory_gib: float | None = None
   note: str = ""
 
 
@@ -129,11 +130,14 @@ def run_kind(config, kind: str, impl: str, batches, steps: int, warmup: int, pea
         times.append(elapsed)
         counted.append((metrics["tokens"], metrics["attention_pairs"]))
   del state, params
+  stats = jax.devices()[0].memory_stats() or {}
+  peak_memory = stats.get("peak_bytes_in_use", 0) / 2**30 or None
   seconds = statistics.median(times)
   tokens = float(np.mean([c[0] for c in counted]))
   step_flops = float(np.mean([flops.train_flops(model_config, t, p) for t, p in counted]))
   return Result(kind=kind, impl=impl, step_ms=1000 * seconds, tokens_per_sec=tokens / seconds,
-                mfu=flops.mfu(step_flops, seconds, 1, peak), tflops_per_sec=step_flops / seconds / 1e12)
+                mfu=flops.mfu(step_flops, seconds, 1, peak), tflops_per_sec=step_flops / seconds / 1e12,
+                peak_memory_gib=peak_memory)
 
 
 def main() -> None:
@@ -173,8 +177,9 @@ def main() -> None:
       result = run_kind(config, kind, args.fallback_impl, batches, args.steps, args.warmup, peak)
       result.note = note
     results.append(result)
+    memory = "" if result.peak_memory_gib is None else f", peak memory so far {result.peak_memory_gib:.1f} GiB"
     print(f"{kind}: {result.step_ms:.1f} ms/step, {result.tokens_per_sec:,.0f} tok/s, "
-          f"MFU {'n/a' if result.mfu is None else f'{100 * result.mfu:.1f}%'} ({result.impl})", flush=True)
+          f"MFU {'n/a' if result.mfu is None else f'{100 * result.mfu:.1f}%'} ({result.impl}{memory})", flush=True)
 
   factor = triplet_factor(dialogues)
   print(f"\n| mask | attention impl | step (ms) | tokens/s | counted TFLOP/s | MFU | dialogues/s (relative) |")
