@@ -46,7 +46,8 @@ def _parse_flags(argv: list[str]):
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields are set with --config.<field>=value")
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields are set with "
+                         "--config.<field>=value")
   from ism_jax.training import checkpointing, loop  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS["verbosity"].present:  # library INFO logs only with --verbosity=0 or more
     logging.set_verbosity(logging.WARNING)

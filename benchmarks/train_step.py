@@ -54,7 +54,7 @@ def synthetic_dialogues(rng: np.random.Generator, count: int, max_len: int) -> l
   return dialogues
 
 
-def pack(dialogues, rows: int, seq_len: int, vocab: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+def pack(dialogues, rows: int, seq_len: int, vocab: int, rng: np.random.Generator) -> list[dict]:
   """First-fit packing into ``[rows, seq_len]`` batches with loss on every answer target."""
   batches = []
 
@@ -64,7 +64,8 @@ def pack(dialogues, rows: int, seq_len: int, vocab: int, rng: np.random.Generato
   arrays, fill = new_batch()
   counts = np.zeros(rows, np.int64)
   for rounds in dialogues:
-    types = np.concatenate([[SegmentType.QUERY] * q + [SegmentType.ANSWER] * a for q, a in rounds]).astype(np.int32)
+    types = np.concatenate([[SegmentType.QUERY] * q + [SegmentType.ANSWER] * a for q, a in rounds])
+    types = types.astype(np.int32)
     length = len(types)
     free = np.flatnonzero(fill + length <= seq_len)
     if not free.size:
@@ -142,7 +143,7 @@ def run_kind(config, kind: str, impl: str, batches, steps: int, warmup: int, pea
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="configs/h100_1b.py", help="run config file (model, batch, seq_len)")
+  parser.add_argument("--config", default="configs/h100_1b.py", help="run config (model, batch, seq_len)")
   parser.add_argument("--kinds", default="causal,ism,prefix", help="mask kinds, comma-separated")
   parser.add_argument("--impl", default="auto", help="attention impl (auto = the backend's default kernel)")
   parser.add_argument("--fallback_impl", default="xla_chunked", help="used if --impl fails to compile or run")
@@ -160,10 +161,10 @@ def main() -> None:
   device = jax.devices()[0]
   peak = flops.peak_flops_per_device(device.device_kind, config.metrics.peak_tflops_per_device)
   model_config = config_lib.model_config(config)
-  print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}; config {args.config}: "
-        f"{model_config.num_params() / 1e9:.3f}B params, {rows} x {seq_len} tokens/step (fill {fill:.1%}), "
-        f"{model_config.compute_dtype}, remat {model_config.remat_policy}, scan {model_config.scan_layers}",
-        flush=True)
+  print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
+        f"config {args.config}: {model_config.num_params() / 1e9:.3f}B params, {rows} x {seq_len} "
+        f"tokens/step (fill {fill:.1%}), {model_config.compute_dtype}, remat {model_config.remat_policy}, "
+        f"scan {model_config.scan_layers}", flush=True)
 
   results = []
   for kind in args.kinds.split(","):
@@ -177,19 +178,20 @@ def main() -> None:
       result = run_kind(config, kind, args.fallback_impl, batches, args.steps, args.warmup, peak)
       result.note = note
     results.append(result)
-    memory = "" if result.peak_memory_gib is None else f", peak memory so far {result.peak_memory_gib:.1f} GiB"
-    print(f"{kind}: {result.step_ms:.1f} ms/step, {result.tokens_per_sec:,.0f} tok/s, "
-          f"MFU {'n/a' if result.mfu is None else f'{100 * result.mfu:.1f}%'} ({result.impl}{memory})", flush=True)
+    memory = "" if result.peak_memory_gib is None else f", peak memory {result.peak_memory_gib:.1f} GiB"
+    mfu = "n/a" if result.mfu is None else f"{100 * result.mfu:.1f}%"
+    print(f"{kind}: {result.step_ms:.1f} ms/step, {result.tokens_per_sec:,.0f} tok/s, MFU {mfu} "
+          f"({result.impl}{memory})", flush=True)
 
   factor = triplet_factor(dialogues)
-  print(f"\n| mask | attention impl | step (ms) | tokens/s | counted TFLOP/s | MFU | dialogues/s (relative) |")
+  print("\n| mask | attention impl | step (ms) | tokens/s | counted TFLOP/s | MFU | dialogues/s (relative) |")
   print("|---|---|---|---|---|---|---|")
   base = results[0].tokens_per_sec
   for r in results:
     per_dialogue = r.tokens_per_sec / (factor if r.kind == "prefix" else 1.0)
     mfu = "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%"
-    print(f"| {r.kind} | {r.impl} | {r.step_ms:.1f} | {r.tokens_per_sec:,.0f} | {r.tflops_per_sec:.1f} | {mfu} "
-          f"| {per_dialogue / base:.2f} |")
+    print(f"| {r.kind} | {r.impl} | {r.step_ms:.1f} | {r.tokens_per_sec:,.0f} | {r.tflops_per_sec:.1f} "
+          f"| {mfu} | {per_dialogue / base:.2f} |")
   print(f"\nprefix triplet expansion: {factor:.2f}x the tokens per dialogue (one example per round); "
         f"'dialogues/s' divides prefix tokens/s by it. Device: {device.device_kind}.")
   if args.json:

@@ -3,8 +3,9 @@
     make train     # = python train.py --config configs/default.py --workdir runs/default
 
 On first use it builds the chitchat TFDS dataset and trains a 2,048-piece tokenizer (under a minute), then
-trains for 800 steps (~330k answer-and-query tokens), evaluates the answer loss per round on the validation
-split, and prints a short greedy multi-turn chat. Expect the eval answer loss to fall from ~7.6 to ~4.
+trains for 800 steps (~1.4M tokens, about 4 minutes on 2 idle cores), evaluates the answer loss per round
+on the validation split, and prints a short greedy multi-turn chat. The eval answer loss falls from 7.6 to
+~4.2.
 """
 
 from ism_jax.training.config import base_config
@@ -42,12 +43,12 @@ def get_config():
   config.optimizer.weight_decay = 0.05  # decoupled weight decay on matrices
   config.optimizer.grad_clip_norm = 1.0  # global-norm clipping
 
-  # Training: 700 steps of 8 x 256 tokens.
-  config.training.num_steps = 700  # optimizer steps
+  # Training: 800 steps of 8 x 256 tokens (~1.4M real tokens, under half an epoch).
+  config.training.num_steps = 800  # optimizer steps
   config.training.global_batch_size = 8  # packed rows per step
   config.training.grad_accum_steps = 1  # no gradient accumulation
   config.training.log_every = 20  # metrics record every 20 steps
-  config.training.eval_every = 200  # eval answer loss per round every 200 steps
+  config.training.eval_every = 200  # eval answer loss per round every 200 steps (and at step 0)
   config.training.checkpoint_every = 200  # checkpoint every 200 steps (and at the end)
   config.training.keep_checkpoints = 2  # newest checkpoints kept
   config.training.async_checkpoints = True  # write checkpoints in the background

@@ -23,7 +23,9 @@ def test_shipped_configs_are_valid(path):
 
 
 def test_config_sizes():
-  load = lambda name: config_lib.model_config(config_lib.load_config_file(os.path.join(REPO, "configs", name)))
+  def load(name):
+    return config_lib.model_config(config_lib.load_config_file(os.path.join(REPO, "configs", name)))
+
   assert 0.9e9 < load("h100_1b.py").num_params() < 1.1e9
   assert 2.5e9 < load("gpu_8x.py").num_params() < 3.5e9
   assert load("default.py").compute_dtype == "float32"
@@ -40,7 +42,8 @@ def test_unknown_fields_list_the_valid_ones():
   config.model.widht = 3
   with pytest.raises(ValueError, match=r"'model.widht'.*model.embed_dim"):
     config_lib.validate(config)
-  with pytest.raises(ValueError, match=r"'trainin.steps'.*Valid sections: data, debug, .*training.*top-level fields: init_from_hf, seed"):
+  message = r"'trainin.steps'.*Valid sections: data, debug, .*training.*top-level fields: init_from_hf, seed"
+  with pytest.raises(ValueError, match=message):
     config_lib.check_overrides(config_lib.base_config(), ["--config.trainin.steps=3"])
   config_lib.check_overrides(config_lib.base_config(), ["--config.model.mask=causal", "--config.seed", "1"])
 
@@ -52,7 +55,7 @@ def test_invalid_values_are_refused():
     config_lib.validate(config)
   config = config_lib.base_config()
   config.training.global_batch_size, config.training.grad_accum_steps = 6, 4
-  with pytest.raises(ValueError, match="global_batch_size=6 must be a multiple of training.grad_accum_steps=4"):
+  with pytest.raises(ValueError, match="global_batch_size=6 must be a multiple of .*grad_accum_steps=4"):
     config_lib.validate(config)
 
 

@@ -84,7 +84,8 @@ def test_loss_falls_and_metrics_are_written(reference_run):
   assert os.listdir(os.path.join(workdir, metrics.TENSORBOARD_DIR))
   assert os.path.isfile(os.path.join(workdir, checkpointing.TOKENIZER_FILE))
   assert json.load(open(os.path.join(workdir, checkpointing.CONFIG_FILE)))["model"]["mask"] == "ism"
-  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)) if s.isdigit())
+  names = os.listdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))
+  steps = sorted(int(s) for s in names if s.isdigit())
   assert steps == [3, 6, 9, 10]
 
 
@@ -95,7 +96,8 @@ def test_restore_for_inference_gives_the_trained_model(reference_run, data_dir):
   _, earlier, _ = checkpointing.restore_for_inference(workdir, step=CHECKPOINT_EVERY)
   batch = layouts.random_packed_batch(np.random.default_rng(0), batch=2, length=24)
   logits = model(batch["tokens"], batch["segment_types"], batch["segment_ids"])
-  assert float(jnp.abs(logits - earlier(batch["tokens"], batch["segment_types"], batch["segment_ids"])).max()) > 0
+  earlier_logits = earlier(batch["tokens"], batch["segment_types"], batch["segment_ids"])
+  assert float(jnp.abs(logits - earlier_logits).max()) > 0
   # The sample chat runs on the restored model under every mask kind.
   dialogue = inputs.sample_dialogues(inputs.pipeline_config(tiny_config(data_dir)), 1)[0]
   tokenizer = ChatTokenizer.load(tokenizer_path)
@@ -167,7 +169,7 @@ def test_mismatched_tokenizer_or_vocab_is_refused_before_training(reference_run,
     loop.train(config, workdir)
   config = tiny_config(data_dir)
   config.model.vocab_size = 384
-  with pytest.raises(checkpointing.CheckpointMismatchError, match="model.vocab_size: checkpoint 320, now 384"):
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="vocab_size: checkpoint 320, now 384"):
     loop.train(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))) == before
   with open(os.path.join(workdir, checkpointing.TOKENIZER_FILE), "rb") as f:
@@ -193,7 +195,8 @@ def _answer_loss_batch(seed: int, rows: int = 8, length: int = 32) -> dict[str, 
   """A random packed batch with loss on every position whose next token is an answer token of its dialogue."""
   batch = layouts.random_packed_batch(np.random.default_rng(seed), batch=rows, length=length)
   types, ids = batch["segment_types"], batch["segment_ids"]
-  loss_mask = (np.roll(types, -1, axis=1) == SegmentType.ANSWER) & (np.roll(ids, -1, axis=1) == ids) & (ids != 0)
+  next_is_answer = np.roll(types, -1, axis=1) == SegmentType.ANSWER
+  loss_mask = next_is_answer & (np.roll(ids, -1, axis=1) == ids) & (ids != 0)
   loss_mask[:, -1] = False
   rounds = np.cumsum((types == SegmentType.QUERY) & (np.roll(types, 1, axis=1) != SegmentType.QUERY), axis=1)
   return {**batch, "loss_mask": loss_mask.astype(np.int32), "round_index": np.where(ids > 0, rounds, -1)}
@@ -271,3 +274,23 @@ def test_flops_count_allowed_pairs():
       12 * 2 * 4 * 8 * 100
   assert flops.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989.4e12
   assert flops.peak_flops_per_device("cpu") is None
+
+
+def test_init_from_hf_starts_from_the_checkpoint_weights(data_dir, tmp_path):
+  """configs/finetune_hf.py on the tiny Qwen2 fixture: weights loaded, its tokenizer used and installed."""
+  from ism_jax.convert import load_hf_model  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_config_file(os.path.join(REPO, "configs", "finetune_hf.py"))
+  config.model.compute_dtype = "float32"
+  config.data.update(name="synthetic_multiturn/small", data_dir=data_dir, seq_len=128, eval_max_dialogues=8)
+  config.optimizer.update(learning_rate=1e-30, warmup_steps=0)  # one step that leaves the weights in place
+  config.training.update(num_steps=1, global_batch_size=8, eval_every=0, checkpoint_every=1)
+  config.mesh.update(data=-1, fsdp=1)
+  config.sample.enabled = False
+  workdir = str(tmp_path)
+  loop.train(config, workdir)
+  _, model, tokenizer_path = checkpointing.restore_for_inference(workdir)
+  assert tokenizer_path == os.path.join(workdir, checkpointing.HF_TOKENIZER_DIR)
+  assert "tokenizer.json" in os.listdir(tokenizer_path)
+  _, reference = load_hf_model(config.init_from_hf, scan_layers=True)
+  for got, want in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(reference))):
+    np.testing.assert_allclose(got, want, rtol=1e-6)

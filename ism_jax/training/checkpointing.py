@@ -126,8 +126,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                           enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
   def latest_step(self) -> int | None:
@@ -159,8 +159,8 @@ class Checkpointer:
     except ValueError as e:
       if "process_" in str(e):
         raise CheckpointMismatchError(
-            f"checkpoint {self.directory}/{step} holds the data iterator state of a different number of hosts "
-            f"({e}); resume with the same number of processes") from e
+            f"checkpoint {self.directory}/{step} holds the data iterator state of a different number of "
+            f"hosts ({e}); resume with the same number of processes") from e
       raise
     return restored.params, restored.opt_state
 
@@ -178,7 +178,7 @@ def checkpoint_meta(step: int, config: ml_collections.ConfigDict, tokenizer: dic
 
 def check_resume(meta: dict, config: ml_collections.ConfigDict, tokenizer: dict[str, Any],
                  directory: str) -> None:
-  """Refuses to resume a checkpoint whose tokenizer, vocabulary or model/data config differ from this run's."""
+  """Refuses to resume a checkpoint whose tokenizer, vocabulary or model/data config differ from this run."""
   saved_tokenizer = meta.get("tokenizer", {})
   where = f"{directory}/{meta.get('step')}"
   if saved_tokenizer.get("vocab_size") != tokenizer["vocab_size"]:
@@ -236,7 +236,8 @@ def restore_for_inference(workdir: str, step: int | None = None, model_overrides
     manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS, options=options)
   steps = list(manager.all_steps()) if manager else []
   if not steps:
-    raise FileNotFoundError(f"no checkpoint in {directory}; train first (python train.py --workdir {workdir})")
+    raise FileNotFoundError(f"no checkpoint in {directory}; train first "
+                            f"(python train.py --config ... --workdir {workdir})")
   step = max(steps) if step is None else step
   if step not in steps:
     raise FileNotFoundError(f"no checkpoint {os.path.join(directory, str(step))}; available steps: {steps}")

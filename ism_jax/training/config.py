@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.vocab_size = 4000  # pieces of a tokenizer trained here (must not exceed model.vocab_size)
   config.data.seq_len = 512  # tokens per packed row
   config.data.loss_on = "all"  # train on "all" answers of a dialogue or the "last" one only
-  config.data.prefix_triplets = True  # with model.mask="prefix", expand each dialogue into one example per round
+  config.data.prefix_triplets = True  # mask "prefix": one example per round of each dialogue (triplets)
   config.data.num_threads = 2  # reader threads (tokenization runs there)
   config.data.prefetch = 64  # dialogues read ahead
   config.data.eval_max_dialogues = 0  # validation dialogues evaluated; 0 = the whole split

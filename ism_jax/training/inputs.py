@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ism_jax.data import pipeline
+from ism_jax.data import builders, pipeline
 from ism_jax.data.tokenizer import ChatTokenizer
 from ism_jax.masks import validate_segments
 
@@ -47,8 +47,9 @@ def prepare(config: ml_collections.ConfigDict) -> tuple[pipeline.PipelineConfig,
   if jax.process_index() != 0:
     tokenizer = load_tokenizer(config, pipe)
   if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but model.vocab_size is "
-                     f"{config.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size} or more")
+    raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but model.vocab_size "
+                     f"is {config.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size} or "
+                     "more")
   return pipe, tokenizer
 
 
@@ -65,8 +66,22 @@ def train_iterator(pipe: pipeline.PipelineConfig, tokenizer: ChatTokenizer):
   return pipeline.make_train_iterator(pipe, tokenizer)
 
 
+def has_split(pipe: pipeline.PipelineConfig, split: str) -> bool:
+  """Whether the prepared dataset has ``split`` (an imported dataset may lack ``validation``)."""
+  try:
+    builders.data_source(pipe.name, pipe.data_dir, split)
+  except ValueError as e:
+    if "Unknown split" in str(e):
+      return False
+    raise
+  return True
+
+
 def eval_batches(pipe: pipeline.PipelineConfig, tokenizer: ChatTokenizer, max_dialogues: int, kind: str):
-  """This host's validation batches (every host gets the same number), checked once."""
+  """This host's validation batches (every host gets the same number), checked once; none without a split."""
+  if not has_split(pipe, "validation"):
+    _log.warning("dataset %s has no validation split: evaluation is skipped", pipe.name)
+    return []
   batches = pipeline.make_eval_batches(pipe, tokenizer, max_dialogues=max_dialogues or None)
   for batch in batches:
     check_batch(batch, kind)
@@ -79,5 +94,6 @@ def check_batch(batch: dict[str, np.ndarray], kind: str) -> None:
 
 
 def sample_dialogues(pipe: pipeline.PipelineConfig, count: int):
-  """The first ``count`` validation dialogues (their user turns drive the sample chat)."""
-  return pipeline.read_dialogues(pipe, "validation", max_dialogues=count)
+  """The first ``count`` validation dialogues (train ones without a validation split) for the sample chat."""
+  split = "validation" if has_split(pipe, "validation") else "train"
+  return pipeline.read_dialogues(pipe, split, max_dialogues=count)

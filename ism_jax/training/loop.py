@@ -6,8 +6,8 @@ Order of work, so that nothing is written before every check has passed:
 2. if ``WORKDIR/checkpoints`` has a checkpoint: check that its tokenizer, vocabulary and model/data config
    match this run (error otherwise), then restore parameters, optimizer state and the data iterator;
 3. copy the tokenizer into the workdir and write ``config.json``;
-4. loop: host batch → checked → sharded → jitted step. Every ``log_every`` steps the pending step metrics are
-   fetched (a NaN/Inf loss stops the run here, before any later checkpoint, so the newest checkpoint on
+4. loop: host batch → checked → sharded → jitted step. Every ``log_every`` steps the pending step metrics
+   are fetched (a NaN/Inf loss stops the run here, before any later checkpoint, so the newest checkpoint on
    disk is the last good one), written to ``metrics.jsonl`` / TensorBoard and the progress bar; every
    ``eval_every`` steps the validation set is evaluated; every ``checkpoint_every`` steps and at the end a
    checkpoint is started (async);
@@ -115,7 +115,7 @@ class _Window:
   timed_steps: int = 0  # steps of ``pending`` that count for throughput (not the compile step)
 
   def fetch(self, last_good: int | None, directory: str) -> list[tuple[int, dict[str, float]]]:
-    """The pending metrics as floats; raises :class:`NonFiniteLossError` at the first NaN/Inf loss or gradient."""
+    """The pending metrics as floats; raises :class:`NonFiniteLossError` at a NaN/Inf loss or gradient."""
     values = jax.device_get([m for _, m in self.pending])
     out = [(step, {k: float(v) for k, v in m.items()}) for (step, _), m in zip(self.pending, values)]
     for step, m in out:
@@ -169,14 +169,15 @@ def _hf_params(config, model_config, mesh):
   try:
     from ism_jax.convert import load_hf_model  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ValueError(f"config.init_from_hf={config.init_from_hf!r} needs ism_jax.convert.load_hf_model, which "
-                     f"could not be imported ({e}); set --config.init_from_hf='' to start from random weights"
-                     ) from e
+    raise ValueError(f"config.init_from_hf={config.init_from_hf!r} needs ism_jax.convert.load_hf_model, "
+                     f"which could not be imported ({e}); set --config.init_from_hf='' to start from random "
+                     "weights") from e
   runtime = {name: getattr(model_config, name)
              for name in (*config_lib.MODEL_RUNTIME_FIELDS, "mask", "scan_layers", "param_dtype")}
   hf_config, model = load_hf_model(config.init_from_hf, mesh, **runtime)
-  diffs = [f"model.{f.name}: checkpoint {getattr(hf_config, f.name)!r}, config {getattr(model_config, f.name)!r}"
-           for f in dataclasses.fields(model_config) if getattr(hf_config, f.name) != getattr(model_config, f.name)]
+  names = [f.name for f in dataclasses.fields(model_config)]
+  diffs = [f"model.{n}: checkpoint {getattr(hf_config, n)!r}, config {getattr(model_config, n)!r}"
+           for n in names if getattr(hf_config, n) != getattr(model_config, n)]
   if diffs:
     raise ValueError(f"config.init_from_hf={config.init_from_hf!r} does not match the run's model config: "
                      + "; ".join(diffs) + ". Set these model fields to the checkpoint's values "
@@ -199,8 +200,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rows, accum = config.training.global_batch_size, config.training.grad_accum_steps
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if (rows // accum) % shards:
-    raise ValueError(f"each microbatch of training.global_batch_size / grad_accum_steps = {rows // accum} rows "
-                     f"must divide evenly over the mesh's data x fsdp = {shards} devices")
+    raise ValueError(f"each microbatch of training.global_batch_size / grad_accum_steps = {rows // accum} "
+                     f"rows must divide evenly over the mesh's data x fsdp = {shards} devices")
   pipe, tokenizer = inputs.prepare(config)
   fingerprint = checkpointing.tokenizer_fingerprint(tokenizer)
 
@@ -230,10 +231,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_tflops_per_device)
   if primary:
     progress.message(
-        f"{'resuming from step ' + str(start) if start else 'starting'}: {model_config.num_params() / 1e6:.2f}M "
-        f"parameters, mask {kind!r}, mesh {dict(mesh.shape)}, {rows} rows x {config.data.seq_len} tokens per "
-        f"step, workdir {workdir}")
+        f"{'resuming from step ' + str(start) if start else 'starting'}: "
+        f"{model_config.num_params() / 1e6:.2f}M parameters, mask {kind!r}, mesh {dict(mesh.shape)}, "
+        f"{rows} rows x {config.data.seq_len} tokens per step, workdir {workdir}")
   t = config.training
+  if start >= t.num_steps and primary:
+    progress.message(f"the checkpoint at step {start} already reaches training.num_steps={t.num_steps}; raise "
+                     "--config.training.num_steps to train further")
   if start == 0 and t.eval_every and eval_batches:  # the starting point of the eval curves
     with jax.set_mesh(mesh):
       initial = evaluation.evaluate(eval_fn, state.params, eval_batches, mesh)
@@ -259,7 +263,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if last or do_eval or do_save or step % t.log_every == 0:
           values = window.fetch(saved, checkpointer.directory)
           seconds = time.time() - window.start_time
-          record = _record(values, seconds, window.timed_steps, model_config, peak, jax.device_count(), schedule)
+          record = _record(values, seconds, window.timed_steps, model_config, peak, jax.device_count(),
+                           schedule)
           if do_eval and eval_batches:
             record.update(evaluation.evaluate(eval_fn, state.params, eval_batches, mesh))
             progress.message(f"step {step}: {evaluation.summary(record)}")
@@ -268,7 +273,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           window = _Window(start_time=time.time())
         if do_save:
           meta = checkpointing.checkpoint_meta(step, config, fingerprint)
-          checkpointer.save(step, state.params, state.opt_state, _IteratorSnapshot(train_iter.get_state()), meta)
+          data_state = _IteratorSnapshot(train_iter.get_state())
+          checkpointer.save(step, state.params, state.opt_state, data_state, meta)
           saved = step
         if config.debug.kill_at_step == step:
           checkpointer.wait()
@@ -293,7 +299,7 @@ def _print_sample(config, state, graphdef, tokenizer, pipe, writer_step: int) ->
   params = jax.device_put(state.params, jax.devices()[0])
   model = nnx.merge(graphdef, params)
   for i, dialogue in enumerate(inputs.sample_dialogues(pipe, config.sample.dialogues)):
-    turns = sample.sample_chat(model, tokenizer, dialogue, config.sample.rounds, config.sample.max_answer_tokens,
-                               max_len=config.data.seq_len)
+    turns = sample.sample_chat(model, tokenizer, dialogue, config.sample.rounds,
+                               config.sample.max_answer_tokens, max_len=config.data.seq_len)
     print(f"\nsample chat {i + 1} (greedy, after step {writer_step}; user turns from the validation split):")
     print(sample.format_chat(turns), flush=True)

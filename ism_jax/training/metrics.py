@@ -115,7 +115,8 @@ class Progress:
     self._start_time, self._start_step = time.time(), start_step
     if enabled and self._tty:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout)
+      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                       file=sys.stdout)
 
   def update(self, step: int, loss: float, tokens_per_sec: float | None, mfu: float | None) -> None:
     if not self.enabled:

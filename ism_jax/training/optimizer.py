@@ -37,6 +37,6 @@ def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int = 0
 def optimizer_from_config(optimizer_config, total_steps: int):
   """:func:`make_optimizer` from a run config's ``optimizer`` section (any mapping with those fields)."""
   c = optimizer_config
-  return make_optimizer(c.learning_rate, total_steps, warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio,
-                        weight_decay=c.weight_decay, b1=c.b1, b2=c.b2, eps=c.eps,
+  return make_optimizer(c.learning_rate, total_steps, warmup_steps=c.warmup_steps,
+                        min_lr_ratio=c.min_lr_ratio, weight_decay=c.weight_decay, b1=c.b1, b2=c.b2, eps=c.eps,
                         grad_clip_norm=c.grad_clip_norm)

@@ -106,7 +106,7 @@ def abstract_train_state(optimizer, abstract_params: Params, shardings: TrainSta
 
 
 def device_batch(host_batch: dict[str, np.ndarray], mesh, keys=MODEL_KEYS) -> dict[str, jax.Array]:
-  """This host's ``[rows, T]`` numpy arrays → global arrays ``[rows * process_count, T]`` sharded by batch."""
+  """This host's ``[rows, T]`` numpy arrays → global ``[rows * process_count, T]`` arrays sharded by rows."""
   batch_sharding = sharding.batch_sharding(mesh)
   out = {}
   for key in keys:
