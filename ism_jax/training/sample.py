@@ -10,7 +10,8 @@ token by token until end-of-turn. Mask handling per kind:
   was trained on), so the whole history is recomputed every round; only the answer is decoded causally.
 
 Prefill chunks are padded to a multiple of :data:`BUCKET` tokens so that few shapes are compiled. This is a
-small loop for the training demo; ``ism_jax.inference`` is the serving path.
+small loop for the training demo, used when ``ism_jax.inference.ChatSession`` (the serving path) is not
+installed.
 """
 
 from __future__ import annotations
@@ -96,18 +97,31 @@ class GreedyChat:
     return self.tokenizer.decode(answer)
 
 
+def _chat(model: Transformer, tokenizer: ChatTokenizer, max_len: int, max_answer_tokens: int):
+  """``reply(query_messages) -> answer``: ``ism_jax.inference.ChatSession`` (greedy) if installed, else
+  :class:`GreedyChat`."""
+  try:
+    from ism_jax.inference import ChatSession  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    chat = GreedyChat(model, tokenizer, max_len)
+    return lambda query: chat.reply(query, max_answer_tokens)
+  session = ChatSession(model, tokenizer, max_len=max_len, max_new_tokens=max_answer_tokens)
+  return lambda query: session.ask(list(query))
+
+
 def sample_chat(model: Transformer, tokenizer: ChatTokenizer, dialogue: Sequence[Message], rounds: int,
                 max_answer_tokens: int, max_len: int) -> list[tuple[str, str, str]]:
   """Replays the query side of ``dialogue``'s first ``rounds`` rounds; returns ``(user, model, reference)``.
 
-  The model's own answers (not the reference ones) stay in the history, as in a real chat.
+  The model's own answers (not the reference ones) stay in the history, as in a real chat. Stops early when
+  the dialogue no longer fits ``max_len`` tokens.
   """
-  chat = GreedyChat(model, tokenizer, max_len)
+  reply = _chat(model, tokenizer, max_len, max_answer_tokens)
   turns = []
   for round_ in split_rounds(dialogue)[:rounds]:
     try:
-      answer = chat.reply(round_.query, max_answer_tokens)
-    except ValueError:
+      answer = reply(round_.query)
+    except ValueError:  # the dialogue outgrew max_len (PromptTooLongError is a ValueError too)
       break
     user = "\n".join(m.content for m in round_.query)
     turns.append((user, answer, round_.answer.content))
