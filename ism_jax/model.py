@@ -172,8 +172,9 @@ class LayerCache:
 
 
 def _write_rows(cache_BSKD: jax.Array, new_BTKD: jax.Array, start_B: jax.Array) -> jax.Array:
-  """Writes ``new`` into every row of the cache at that row's own offset."""
-  write = lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0)
+  """Writes ``new`` into every row of the cache at that row's own offset; slots past the end are dropped."""
+  slots_T = jnp.arange(new_BTKD.shape[1], dtype=jnp.int32)
+  write = lambda c, n, s: c.at[s + slots_T].set(n, mode="drop")
   return jax.vmap(write)(cache_BSKD, new_BTKD.astype(cache_BSKD.dtype), start_B)
 
 
@@ -292,12 +293,14 @@ class Transformer(nnx.Module):
     return logits_BTV
 
   def forward(self, tokens_BT, positions_BT, ranges: MaskRanges, cache: list[LayerCache] | None = None,
-              write_index_B: jax.Array | None = None):
+              write_index_B: jax.Array | None = None, logits_at_BN: jax.Array | None = None):
     """The network on explicit positions and mask ranges, optionally through a KV cache.
 
     With ``cache`` (one :class:`LayerCache` per layer, or one with a leading layer axis when layers are
-    scanned), the new keys/values of row ``b`` are written at slots ``write_index_B[b] + t`` and the queries
-    attend over the whole cache; ``ranges`` then index cache slots. Returns ``(logits_BTV, cache)``.
+    scanned), the new keys/values of row ``b`` are written at slots ``write_index_B[b] + t`` (slots past the
+    cache end are dropped) and the queries attend over the whole cache; ``ranges`` then index cache slots.
+    ``logits_at_BN`` (indices into ``T``) computes logits only there, e.g. at the last token of a prefill
+    chunk. Returns ``(logits_BTV, cache)``, or ``(logits_BNV, cache)`` with ``logits_at_BN``.
     """
     x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.config.dtype)
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "act_embed"))
@@ -311,6 +314,8 @@ class Transformer(nnx.Module):
                                  write_index_B)
         new_cache.append(layer_cache)
       cache = None if cache is None else new_cache
+    if logits_at_BN is not None:
+      x_BTD = jnp.take_along_axis(x_BTD, logits_at_BN[:, :, None], axis=1)
     return self.logits(self.final_norm(x_BTD)), cache
 
   def logits(self, x_BTD: jax.Array) -> jax.Array:
