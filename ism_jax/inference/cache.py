@@ -1,0 +1,78 @@
+"""The preallocated KV cache of a batch of dialogues, laid out and sharded like the model.
+
+The cache is what :func:`ism_jax.model.init_cache` builds: one :class:`ism_jax.model.LayerCache` per layer
+(or one with a leading ``layers`` axis when the model scans its layers), keys and values of shape
+``[B, S, K, Dh]``. Slot ``s`` of row ``b`` holds the keys and values of position ``s`` of dialogue ``b``;
+how many slots a row uses is tracked by the engine, not stored here.
+
+Sharding follows the logical-axis rules of :mod:`ism_jax.sharding`: ``batch`` over ``data``/``fsdp``,
+``kv_heads`` over ``tensor`` (like the attention projections that fill the cache), ``length`` and
+``head_dim`` unsplit.
+
+A prefill that starts every row at slot 0 only needs the first ``W`` slots; :func:`window` cuts the slot axis
+and :func:`put_window` writes such a view back, so that attention runs over ``W`` keys instead of ``S``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+from ism_jax import sharding
+from ism_jax.model import ModelConfig, init_cache
+
+CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+_SLOT_AXIS = -3  # every cache array is [..., B, S, K, Dh]
+
+
+def _logical_axes(config: ModelConfig) -> tuple[str, ...]:
+  return ("layers", *CACHE_AXES) if config.scan_layers else CACHE_AXES
+
+
+def cache_shardings(config: ModelConfig, batch_size: int, max_len: int, mesh: Mesh, dtype: Any = None):
+  """A tree like the cache of ``NamedSharding``s from the logical axes (mesh axes that do not divide drop)."""
+  abstract = jax.eval_shape(lambda: init_cache(config, batch_size, max_len, dtype))
+  axes = _logical_axes(config)
+  to_sharding = lambda a: NamedSharding(mesh, sharding.logical_to_spec(axes, a.shape, dict(mesh.shape)))
+  return jax.tree.map(to_sharding, abstract)
+
+
+def allocate(config: ModelConfig, batch_size: int, max_len: int, mesh: Mesh | None = None,
+             dtype: Any = None):
+  """A zeroed cache of ``max_len`` slots for ``batch_size`` dialogues, created already sharded on ``mesh``.
+
+  Returns:
+    A list of ``num_layers`` :class:`~ism_jax.model.LayerCache` (``[B, S, K, Dh]`` each), or one stacked
+    ``[L, B, S, K, Dh]`` when ``config.scan_layers``. ``dtype`` defaults to the compute dtype.
+  """
+  if batch_size <= 0 or max_len <= 0:
+    raise ValueError(f"cache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}")
+  make = lambda: init_cache(config, batch_size, max_len, dtype)
+  if mesh is None:
+    return make()
+  with jax.set_mesh(mesh):
+    return jax.jit(make, out_shardings=cache_shardings(config, batch_size, max_len, mesh, dtype))()
+
+
+def num_slots(cache) -> int:
+  """``S``, the number of slots per row."""
+  return int(jax.tree.leaves(cache)[0].shape[_SLOT_AXIS])
+
+
+def num_bytes(cache) -> int:
+  """Total size of the keys and values in bytes."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+
+def window(cache, length: int):
+  """The first ``length`` slots of every row (a copy inside jit; ``length`` is static)."""
+  return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, length, axis=x.ndim + _SLOT_AXIS), cache)
+
+
+def put_window(cache, view):
+  """Writes a :func:`window` view back into slots ``[0, W)`` of ``cache``."""
+  def put(x, v):
+    return jax.lax.dynamic_update_slice_in_dim(x, v, 0, axis=x.ndim + _SLOT_AXIS)
+  return jax.tree.map(put, cache, view)

@@ -1,0 +1,423 @@
+"""The inference engine: bucketed prefill of typed token chunks and a fixed-shape decode step over one cache.
+
+An :class:`Engine` serves ``B`` independent rows (dialogues) with one preallocated KV cache of ``max_len``
+slots per row. Row ``b`` uses slots ``[0, fill[b])``; slot = position in the dialogue. One call of
+:meth:`Engine.generate` is one round for every row that gets a chunk:
+
+1. **Prefill**: each row's chunk (typed tokens, e.g. the end of the last answer then the new query block) is
+   written at slots ``fill[b] + t`` in one jitted step. Mask ranges in slot coordinates: a QUERY token sees
+   ``[0, end of its query block)``, an ANSWER token ``[0, own slot + 1)`` (types already relabelled for the
+   mask kind by the caller). The logits of each row's last chunk token give the first answer token. With
+   ``restart`` a row is rewritten from slot 0 (the ``prefix`` baseline).
+2. **Decode**: one jitted step of fixed shape ``[B, 1]`` feeds every row's last token, attends over the
+   whole cache with ranges ``[0, slot + 1)``, samples the next token, and stops a row on end of turn or its
+   token budget (finished rows keep their fill; their writes land past it). The host reads the ``done``
+   flags a few steps behind the device, so the device never waits on the host.
+
+Shapes are bucketed so that few programs are compiled: a chunk is padded to ``T``, the next bucket length
+(powers of two, then multiples of ``bucket_step``; see :func:`bucket_lengths`); padding is never seen, and
+its cache writes land past the row's fill or are dropped past the end. A prefill attends only over the first
+``W`` slots, ``W`` the bucket length at or above the furthest slot any row's chunk reaches, so an early round
+does not pay for the empty end of the cache.
+When every row starts at slot 0 (a first round, a ``prefix`` recompute) ``W = T`` and the ranges are the
+chunk's own, which lets the Pallas kernels run. Compiled programs: one decode step, and one prefill per
+``(T, W)`` pair, shared by all engines over equal models (:data:`TRACE_COUNTS` counts traces,
+:func:`compiled_counts` executables; :meth:`Engine.warmup` compiles them ahead). The cache buffer is donated
+to every step, so updates are in place.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from ism_jax.inference import cache as cache_lib
+from ism_jax.inference.sampling import SamplingParams, as_arrays, greedy, sample
+from ism_jax.masks import MaskRanges, SegmentType, make_attention_ranges
+from ism_jax.model import Transformer
+
+DEFAULT_MIN_BUCKET = 32
+DEFAULT_BUCKET_STEP = 1024
+_DONE_LAG = 2  # the host checks the done flags of the step this many steps behind the newest
+
+
+class CacheFullError(ValueError):
+  """A chunk does not fit in a row's remaining cache slots (raised before any work)."""
+
+
+def bucket_lengths(max_len: int, min_bucket: int = DEFAULT_MIN_BUCKET, step: int | None = None
+                   ) -> tuple[int, ...]:
+  """Padded lengths below ``max_len``, then ``max_len``: powers of two from ``min_bucket``, and past ``step``
+  the multiples of ``step`` (long chunks waste at most ``step`` padded tokens). ``step=None``: powers only.
+
+  >>> bucket_lengths(5000, min_bucket=256, step=1024)
+  (256, 512, 1024, 2048, 3072, 4096, 5000)
+  """
+  buckets, b = [], min_bucket
+  while b < max_len:
+    buckets.append(b)
+    b = b * 2 if step is None or b < step else b + step
+  return tuple(buckets) + (max_len,)
+
+
+def chunk_ranges(types_BT: jax.Array, start_B: jax.Array, from_start: bool) -> MaskRanges:
+  """Mask ranges of a chunk written at slots ``start_B[b] + t``, in slot coordinates.
+
+  ``types_BT`` are the mask-effective segment types with padding (``PAD``) at the end of each row. With
+  ``from_start`` every row with tokens starts at slot 0 and keys are the chunk itself, so the full range form
+  (``q_lo``/``q_hi`` too, which the Pallas kernels need) is that of the chunk. Otherwise real tokens see
+  ``[0, start + chunk-local k_hi)`` and padding sees slot 0 (a finite row that nobody reads).
+  """
+  ranges = make_attention_ranges(types_BT)
+  if from_start:
+    return ranges
+  real_BT = types_BT != SegmentType.PAD
+  k_hi_BT = jnp.where(real_BT, ranges.k_hi + start_B[:, None], 1)
+  return MaskRanges(k_lo=jnp.zeros_like(k_hi_BT), k_hi=k_hi_BT)
+
+
+# Traces of the jitted steps, by step and shape (a test counts them to prove that rounds and tokens do not
+# recompile).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def _next_tokens(logits_BV, key, sampling, all_greedy: bool):
+  return greedy(logits_BV) if all_greedy else sample(logits_BV, key, **sampling)
+
+
+def _prefill_step(model: Transformer, cache, tokens_BT, types_BT, start_B, length_B, key, sampling, *, window,
+                  from_start, all_greedy):
+  """Writes chunks ``[B, T]`` at ``start_B``, attending over slots ``[0, window)``.
+
+  Returns the cache, the first answer tokens ``[B]`` and their logits ``[B, V]``.
+  """
+  length, max_len = tokens_BT.shape[1], cache_lib.num_slots(cache)
+  TRACE_COUNTS[prefill_name(length, window, from_start, all_greedy)] += 1
+  ranges = chunk_ranges(types_BT, start_B, from_start)
+  positions_BT = start_B[:, None] + jnp.arange(length, dtype=jnp.int32)
+  write_B = jnp.where(length_B > 0, start_B, window)  # rows without a chunk write nothing
+  view = cache if window == max_len else cache_lib.window(cache, window)
+  last_B1 = jnp.maximum(length_B - 1, 0)[:, None]
+  logits_B1V, view = model.forward(tokens_BT, positions_BT, ranges, view, write_B, logits_at_BN=last_B1)
+  cache = view if window == max_len else cache_lib.put_window(cache, view)
+  return cache, _next_tokens(logits_B1V[:, 0], key, sampling, all_greedy), logits_B1V[:, 0]
+
+
+def _decode_step(model: Transformer, cache, token_B, fill_B, remaining_B, done_B, key, sampling, eot_id, *,
+                 all_greedy):
+  """Feeds ``token_B`` at slots ``fill_B``; returns the cache and the next tokens, fill, budget, flags."""
+  TRACE_COUNTS["decode" if all_greedy else "decode[sampled]"] += 1
+  key, draw_key = jax.random.split(key)
+  ranges = MaskRanges(k_lo=jnp.zeros_like(fill_B)[:, None], k_hi=fill_B[:, None] + 1)
+  logits_B1V, cache = model.forward(token_B[:, None], fill_B[:, None], ranges, cache, fill_B)
+  active_B = ~done_B
+  next_B = jnp.where(active_B, _next_tokens(logits_B1V[:, 0], draw_key, sampling, all_greedy), 0)
+  fill_B = fill_B + active_B
+  remaining_B = remaining_B - active_B
+  done_B = done_B | (next_B == eot_id) | (remaining_B <= 0)
+  return cache, next_B, fill_B, remaining_B, done_B, key, logits_B1V[:, 0]
+
+
+# The jitted steps of each model structure; engines over equal models share them (and their executables).
+_JITTED_STEPS: dict = {}
+
+
+def _jitted_steps(graphdef, treedef):
+  """``(prefill, decode)`` jitted over the model's parameter leaves (a flat list, cheap to pass per step)."""
+  key = (graphdef, treedef)
+  if key not in _JITTED_STEPS:
+    model = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    prefill = lambda leaves, *args, **kwargs: _prefill_step(model(leaves), *args, **kwargs)
+    decode = lambda leaves, *args, **kwargs: _decode_step(model(leaves), *args, **kwargs)
+    _JITTED_STEPS[key] = (
+        jax.jit(prefill, static_argnames=("window", "from_start", "all_greedy"), donate_argnums=1),
+        jax.jit(decode, static_argnames=("all_greedy",), donate_argnums=1),
+    )
+  return _JITTED_STEPS[key]
+
+
+def prefill_name(length: int, window: int, from_start: bool, all_greedy: bool = True) -> str:
+  """The :data:`TRACE_COUNTS` key of a prefill program, e.g. ``"prefill[T=32,W=128]"``."""
+  flags = (",from_start" if from_start else "") + ("" if all_greedy else ",sampled")
+  return f"prefill[T={length},W={window}{flags}]"
+
+
+def compiled_counts() -> dict[str, int]:
+  """Executables held by the jitted steps of all engines: ``{"prefill": n, "decode": m}``."""
+  steps = list(_JITTED_STEPS.values())
+  size = lambda fn: fn._cache_size()  # pylint: disable=protected-access
+  return {"prefill": sum(size(p) for p, _ in steps), "decode": sum(size(d) for _, d in steps)}
+
+
+@dataclasses.dataclass
+class Generation:
+  """What one :meth:`Engine.generate` call produced.
+
+  Attributes:
+    tokens: per row, the answer tokens ``[n_b]`` int32 (end of turn included when emitted), or ``None`` for
+      rows without a chunk.
+    stop_reasons: per row ``"end_of_turn"``, ``"max_new_tokens"``, ``"cache_full"`` (the budget was cut to
+      the free slots) or ``None``.
+    logits: with ``return_logits``, per row ``[n_b, V]`` float32: the logits each answer token was drawn from.
+    ttft_s: seconds from the call to the first answer tokens on the host (the prefill, sampling included).
+    decode_s: seconds from then until every row stopped.
+    decode_tokens: answer tokens produced by decode steps (all rows; the first tokens come from prefill).
+  """
+
+  tokens: list[np.ndarray | None]
+  stop_reasons: list[str | None]
+  logits: list[np.ndarray | None] | None
+  ttft_s: float
+  decode_s: float
+  decode_tokens: int
+
+
+def _cast_params(state: nnx.State, dtype) -> nnx.State:
+  """Matrices and embedding tables in the compute dtype (norm scales stay): the model casts them anyway."""
+  def cast(x):
+    if isinstance(x, jax.Array) and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dtype)
+    return x
+  return jax.tree.map(cast, state)
+
+
+class Engine:
+  """Prefill and decode for ``batch_size`` rows sharing one KV cache of ``max_len`` slots per row.
+
+  Args:
+    model: a :class:`~ism_jax.model.Transformer` (sharded already when ``mesh`` is given).
+    batch_size: number of independent rows.
+    max_len: cache slots per row (the longest dialogue a row can hold).
+    mesh: run sharded on this mesh; the cache is created sharded like the model's attention.
+    min_bucket: the smallest padded chunk length.
+    bucket_step: past this length chunks are padded to its multiples (not to powers of two); ``None``: powers
+      of two up to ``max_len``.
+    cast_params: keep matrices in the compute dtype (halves the weight reads of a float32-parameter model
+      computing in bfloat16; the results are identical, since the model casts them before every use).
+    seed: seed of the sampling key.
+  """
+
+  def __init__(self, model: Transformer, *, batch_size: int = 1, max_len: int = 2048,
+               mesh: Mesh | None = None, min_bucket: int = DEFAULT_MIN_BUCKET,
+               bucket_step: int | None = DEFAULT_BUCKET_STEP, cast_params: bool = True, seed: int = 0):
+    if max_len < 2:
+      raise ValueError(f"max_len={max_len}: the cache needs at least 2 slots")
+    self.config = model.config
+    self.batch_size = batch_size
+    self.max_len = max_len
+    self.mesh = mesh
+    self.buckets = bucket_lengths(max_len, min_bucket, bucket_step)  # chunk lengths T and key windows W
+    graphdef, state = nnx.split(model)
+    if cast_params and self.config.weight_dtype != self.config.dtype:
+      state = _cast_params(state, self.config.dtype)
+    leaves, treedef = jax.tree.flatten(state)
+    self._params = leaves
+    self._prefill_fn, self._decode_fn = _jitted_steps(graphdef, treedef)
+    self.cache = cache_lib.allocate(self.config, batch_size, max_len, mesh)
+    self._fill = np.zeros(batch_size, np.int64)
+    self._key = jax.random.key(seed)
+
+  # --------------------------------------------------------------------------------------------------------
+  # Host-side state.
+  # --------------------------------------------------------------------------------------------------------
+
+  @property
+  def fill(self) -> np.ndarray:
+    """``[B]`` slots in use per row (a copy)."""
+    return self._fill.copy()
+
+  def reset(self, rows: Sequence[int] | None = None) -> None:
+    """Empties rows (all by default); their slots are overwritten by the next chunk."""
+    rows = range(self.batch_size) if rows is None else rows
+    for b in rows:
+      self._fill[b] = 0
+
+  def bucket(self, length: int) -> int:
+    """The smallest bucket length that holds ``length`` tokens (or slots)."""
+    for b in self.buckets:
+      if length <= b:
+        return b
+    raise CacheFullError(f"a chunk of {length} tokens exceeds the cache of {self.max_len} slots")
+
+  def check_fits(self, b: int, start: int, length: int) -> None:
+    """Raises :class:`CacheFullError` unless ``length`` tokens at ``start`` leave room for an answer."""
+    if start + length + 2 > self.max_len:
+      raise CacheFullError(
+          f"row {b}: {start} cached tokens + a chunk of {length} tokens + 2 answer slots (first answer "
+          f"token, end of turn) = {start + length + 2} > max_len={self.max_len}; reset the row or build the "
+          "engine with a larger max_len"
+      )
+
+  def _run(self, fn, *args, **kwargs):
+    if self.mesh is None:
+      return fn(self._params, *args, **kwargs)
+    with jax.set_mesh(self.mesh):
+      return fn(self._params, *args, **kwargs)
+
+  # --------------------------------------------------------------------------------------------------------
+  # One round.
+  # --------------------------------------------------------------------------------------------------------
+
+  def _validate(self, chunks, restart, max_new_tokens):
+    if len(chunks) != self.batch_size:
+      raise ValueError(f"expected {self.batch_size} chunks (one per row, None to skip), got {len(chunks)}")
+    budgets = np.zeros(self.batch_size, np.int64)
+    starts, rows = self._fill.copy(), []
+    for b, chunk in enumerate(chunks):
+      if chunk is None:
+        continue
+      tokens, types = chunk
+      if tokens.ndim != 1 or tokens.shape != types.shape or tokens.size == 0:
+        raise ValueError(f"row {b}: a chunk is two equal non-empty 1-D arrays (tokens, segment types), got "
+                         f"shapes {tokens.shape} and {types.shape}")
+      if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+        raise ValueError(f"row {b}: token ids must be in [0, {self.config.vocab_size}), got "
+                         f"[{tokens.min()}, {tokens.max()}]")
+      if not np.isin(types, (SegmentType.QUERY, SegmentType.ANSWER)).all():
+        raise ValueError(f"row {b}: chunk segment types must be QUERY (1) or ANSWER (2)")
+      if restart[b]:
+        starts[b] = 0
+      self.check_fits(b, int(starts[b]), tokens.size)
+      if max_new_tokens[b] < 1:
+        raise ValueError(f"row {b}: max_new_tokens={max_new_tokens[b]} must be >= 1")
+      budgets[b] = min(max_new_tokens[b], self.max_len - starts[b] - tokens.size - 1)
+      rows.append(b)
+    if not rows:
+      raise ValueError("generate needs at least one row with a chunk")
+    return rows, starts, budgets
+
+  def generate(self, chunks: Sequence[tuple[np.ndarray, np.ndarray] | None], *,
+               restart: bool | Sequence[bool] = False, max_new_tokens: int | Sequence[int] = 256,
+               sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+               eot_id: int | None = None, return_logits: bool = False) -> Generation:
+    """Prefills each row's chunk and decodes its answer; everything is checked before any work.
+
+    Args:
+      chunks: per row ``(tokens [T_b], segment_types [T_b])`` to append (types QUERY/ANSWER as the mask
+        should treat them), or ``None`` for rows that sit this round out.
+      restart: per row (or for all): write the chunk from slot 0, discarding the row's cache.
+      max_new_tokens: per row (or for all): the answer token budget, cut to the row's free slots minus one
+        (room for an end-of-turn token the caller may append).
+      sampling: per row (or for all).
+      eot_id: stop a row when it emits this token (``None``: stop on the budget only).
+      return_logits: also return the logits of every answer token (for tests; costs transfers).
+
+    Raises:
+      CacheFullError: a chunk does not fit (row state unchanged).
+    """
+    start_time = time.perf_counter()
+    chunks = [None if c is None else (np.asarray(c[0], np.int32), np.asarray(c[1], np.int32)) for c in chunks]
+    per_row = lambda x: [x] * self.batch_size if not isinstance(x, (list, tuple)) else list(x)
+    restart, max_new_tokens, sampling = per_row(restart), per_row(max_new_tokens), per_row(sampling)
+    rows, starts, budgets = self._validate(chunks, restart, max_new_tokens)
+    lengths = np.array([0 if c is None else c[0].size for c in chunks], np.int64)
+    sampling_arrays = as_arrays(sampling)
+    all_greedy = all(sampling[b].greedy for b in rows)  # static: greedy steps skip the sort over the vocab
+    self._key, prefill_key, decode_key = jax.random.split(self._key, 3)
+
+    first_B, first_logits_BV = self._prefill(chunks, rows, starts, lengths, prefill_key, sampling_arrays,
+                                             all_greedy)
+    first = np.asarray(first_B)
+    ttft = time.perf_counter() - start_time
+    eot = -1 if eot_id is None else eot_id
+    active = np.isin(np.arange(self.batch_size), rows)
+    fill = np.where(active, starts + lengths, self._fill)
+    remaining = np.where(active, budgets - 1, 0)
+    done = ~active | (first == eot) | (remaining <= 0)
+    steps, step_logits = self._decode_loop(first_B, fill, remaining, done, decode_key, sampling_arrays,
+                                           all_greedy, eot, return_logits)
+    if steps:
+      self._fill, remaining = np.asarray(steps[-1][1]).astype(np.int64), np.asarray(steps[-1][2])
+      tokens = np.concatenate([first[:, None], np.asarray(jnp.stack([s[0] for s in steps], axis=1))], axis=1)
+    else:
+      self._fill, tokens = fill, first[:, None]
+    decode_time = time.perf_counter() - start_time - ttft
+    logits = np.asarray(jnp.stack([first_logits_BV] + step_logits, axis=1)) if return_logits else None
+
+    out = Generation(tokens=[None] * self.batch_size, stop_reasons=[None] * self.batch_size,
+                     logits=[None] * self.batch_size if return_logits else None, ttft_s=ttft,
+                     decode_s=decode_time, decode_tokens=0)
+    for b in rows:
+      n = int(budgets[b] - remaining[b])
+      out.tokens[b] = tokens[b, :n]
+      out.decode_tokens += n - 1
+      if out.tokens[b][-1] == eot:
+        out.stop_reasons[b] = "end_of_turn"
+      else:
+        out.stop_reasons[b] = "max_new_tokens" if n == max_new_tokens[b] else "cache_full"
+      if return_logits:
+        out.logits[b] = logits[b, :n]
+    return out
+
+  def _prefill(self, chunks, rows, starts, lengths, key, sampling, all_greedy):
+    """Pads the chunks to their bucket, picks the key window and runs the prefill step."""
+    padded = self.bucket(int(lengths.max()))
+    from_start = all(starts[b] == 0 for b in rows)
+    reach = int(max(starts[b] + lengths[b] for b in rows))  # one past the furthest slot a chunk writes
+    window = padded if from_start else max(padded, self.bucket(reach))
+    tokens_BT = np.zeros((self.batch_size, padded), np.int32)
+    types_BT = np.full((self.batch_size, padded), SegmentType.PAD, np.int32)
+    for b in rows:
+      tokens_BT[b, :lengths[b]], types_BT[b, :lengths[b]] = chunks[b]
+    self.cache, first_B, logits_BV = self._run(
+        self._prefill_fn, self.cache, tokens_BT, types_BT, starts.astype(np.int32), lengths.astype(np.int32),
+        key, sampling, window=window, from_start=from_start, all_greedy=all_greedy)
+    return first_B, logits_BV
+
+  def _decode_loop(self, token_B, fill, remaining, done, key, sampling, all_greedy, eot, return_logits):
+    """Runs decode steps until every row is done; the host reads ``done`` ``_DONE_LAG`` steps behind."""
+    steps, logits = [], []
+    if done.all():
+      return steps, logits
+    fill_B, remaining_B, done_B = (jnp.asarray(fill, jnp.int32), jnp.asarray(remaining, jnp.int32),
+                                   jnp.asarray(done))
+    sampling, eot_id = jax.tree.map(jnp.asarray, sampling), jnp.int32(eot)  # moved to the device once
+    for i in range(int(remaining.max())):
+      self.cache, token_B, fill_B, remaining_B, done_B, key, logits_BV = self._run(
+          self._decode_fn, self.cache, token_B, fill_B, remaining_B, done_B, key, sampling, eot_id,
+          all_greedy=all_greedy)
+      done_B.copy_to_host_async()
+      steps.append((token_B, fill_B, remaining_B, done_B))
+      if return_logits:
+        logits.append(logits_BV)
+      if i >= _DONE_LAG and np.asarray(steps[i - _DONE_LAG][3]).all():
+        break
+    return steps, logits
+
+  def prefill_shapes(self, chunk_lengths: Sequence[int]) -> list[tuple[int, int, bool]]:
+    """Every ``(T, W, from_start)`` a chunk of one of these lengths can need (for :meth:`warmup`)."""
+    shapes = set()
+    for padded in {self.bucket(n) for n in chunk_lengths}:
+      shapes.add((padded, padded, True))
+      shapes.update((padded, w, False) for w in self.buckets if w >= padded)
+    return sorted(shapes)
+
+  def warmup(self, shapes: Sequence[tuple[int, int, bool]] | None = None, chunk_lengths: Sequence[int] = (),
+             modes: Sequence[str] = ("greedy", "sampled")) -> None:
+    """Compiles the decode step and the prefill programs ``shapes`` (default: :meth:`prefill_shapes` of
+    ``chunk_lengths``), for each sampling mode in ``modes`` (``"greedy"``: every row has temperature 0).
+
+    Runs them on rows without chunks, so no row's cache or fill changes.
+    """
+    shapes = self.prefill_shapes(chunk_lengths) if shapes is None else shapes
+    none_B = np.zeros(self.batch_size, np.int32)
+    sampling = as_arrays([SamplingParams()] * self.batch_size)
+    for all_greedy in (mode == "greedy" for mode in modes):
+      for padded, window, from_start in shapes:
+        tokens_BT = np.zeros((self.batch_size, padded), np.int32)
+        self.cache, _, _ = self._run(self._prefill_fn, self.cache, tokens_BT, tokens_BT, none_B, none_B,
+                                     self._key, sampling, window=window, from_start=from_start,
+                                     all_greedy=all_greedy)
+      self.cache, *_ = self._run(self._decode_fn, self.cache, jnp.asarray(none_B),
+                                 jnp.asarray(self._fill, jnp.int32), jnp.asarray(none_B),
+                                 jnp.ones(self.batch_size, bool), self._key,
+                                 jax.tree.map(jnp.asarray, sampling), jnp.int32(-1), all_greedy=all_greedy)
+    jax.block_until_ready(self.cache)
