@@ -86,7 +86,8 @@ class ModelConfig:
     for field in ("param_dtype", "compute_dtype"):
       if getattr(self, field) not in _DTYPES:
         problems.append(f"{field}={getattr(self, field)!r} must be one of {tuple(_DTYPES)}")
-    for field in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+    sizes = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
+    for field in sizes:
       if getattr(self, field) <= 0:
         problems.append(f"{field}={getattr(self, field)} must be positive")
     if problems:
@@ -208,7 +209,8 @@ class Attention(nnx.Module):
     k_BTKD = apply_rope(self._project(x_BTD, "k"), positions_BT, config.rope_theta, config.rope_scaling)
     v_BTKD = self._project(x_BTD, "v")
     if cache is not None:
-      cache = LayerCache(_write_rows(cache.k, k_BTKD, write_index_B), _write_rows(cache.v, v_BTKD, write_index_B))
+      cache = LayerCache(_write_rows(cache.k, k_BTKD, write_index_B),
+                         _write_rows(cache.v, v_BTKD, write_index_B))
       k_BTKD, v_BTKD = cache.k.astype(q_BTHD.dtype), cache.v.astype(q_BTHD.dtype)
     out_BTHD = attention(q_BTHD, k_BTKD, v_BTKD, ranges, impl=config.attention_impl)
     out_BTD = jnp.einsum("bthk,hkd->btd", out_BTHD, self.o_proj[...].astype(config.dtype))

@@ -54,7 +54,8 @@ DEFAULT_RULES: Rules = (
     ("act_embed", None),
 )
 
-_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar("ism_jax_sharding_rules", default=DEFAULT_RULES)
+_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar("ism_jax_sharding_rules",
+                                                               default=DEFAULT_RULES)
 
 
 @contextlib.contextmanager

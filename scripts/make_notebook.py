@@ -19,14 +19,16 @@ to it while watching the KV cache carry over from round to round.
 What ISM is: in a dialogue `Q1 A1 Q2 A2 …` every user query block is bidirectional within itself, answers are
 causal, and no token ever sees a later block. One sequence trains every round, and the keys/values of past
 rounds never change, so the cache is reused at inference."""),
-    ("code", """# Parameters. The test suite runs this notebook on CPU with TINY = True (a few seconds of training).
+    ("code", """# Parameters. The test suite runs this notebook on CPU with TINY = True (seconds of training).
 TINY = False  # tiny model and a few steps (for CI); False = the real run on the TPU
 INSTALL = True  # clone and install the package (False when it is already installed)
 REPO_URL = "https://github.com/ism-jax/ism_jax.git"  # the repository to install (your fork or clone)
 WORKDIR = "/content/ism_run"  # checkpoints, metrics and the tokenizer of this run
 DATA_DIR = "/content/data"  # the chitchat dataset is built here (about a minute)"""),
     ("md", "## 1. Install\nClones the repository and installs it with its pinned dependencies."),
-    ("code", """import os, subprocess, sys
+    ("code", """import os
+import subprocess
+import sys
 
 REPO_DIR = os.path.abspath("ism_jax_repo" if INSTALL else ".")  # holds configs/
 if INSTALL:
@@ -63,8 +65,8 @@ for ax, kind in zip(axes, ["causal", "prefix", "ism"]):
 axes[0].set_ylabel("query")
 plt.tight_layout()
 plt.show()"""),
-    ("md", """ISM differs from causal only inside each query block (the open upper triangles); unlike prefix, the first
-round never sees the second, so its keys and values stay valid when the dialogue grows."""),
+    ("md", """ISM differs from causal only inside each query block (the open upper triangles); unlike
+prefix, the first round never sees the second, so its keys and values stay valid when the dialogue grows."""),
     ("md", """## 4. Train on Chit-Chat
 
 The run config starts from `configs/default.py`. On a TPU the model is larger, computes in bfloat16 and

@@ -63,7 +63,8 @@ PACKED_ISM = """
 def test_worked_example_matches_hand_drawn(kind):
   expected = _matrix(HAND_DRAWN[kind])
   np.testing.assert_array_equal(make_attention_mask(jnp.array(WORKED_TYPES), kind=kind)[0], expected)
-  np.testing.assert_array_equal(make_attention_ranges(jnp.array(WORKED_TYPES), kind=kind).dense()[0], expected)
+  ranges = make_attention_ranges(jnp.array(WORKED_TYPES), kind=kind)
+  np.testing.assert_array_equal(ranges.dense()[0], expected)
 
 
 def test_packed_example_matches_hand_drawn():
@@ -118,7 +119,8 @@ def test_ranges_are_jittable_and_default_ids_mean_one_dialogue_per_row():
   eager = make_attention_ranges(types)
   for name in ("k_lo", "k_hi", "q_lo", "q_hi"):
     np.testing.assert_array_equal(getattr(jitted, name), getattr(eager, name))
-  np.testing.assert_array_equal(make_attention_mask(types), make_attention_mask(types, (types != 0).astype(jnp.int32)))
+  one_dialogue = (types != 0).astype(jnp.int32)
+  np.testing.assert_array_equal(make_attention_mask(types), make_attention_mask(types, one_dialogue))
 
 
 def test_positions_restart_per_dialogue():
@@ -150,7 +152,8 @@ def test_trace_time_shape_and_dtype_errors():
 @pytest.mark.parametrize("types, ids, message", [
     ([[1, 2, 7]], None, r"segment_types\[row 0, position 2\] = 7"),
     ([[1, 2, 0]], [[1, 1, 1]], r"disagree at row 0, position 2"),
-    ([[1, 2, 1, 2]], [[1, 2, 1, 2]], r"segment_ids\[row 0\]: dialogue 1 is not one contiguous run .*position 2"),
+    ([[1, 2, 1, 2]], [[1, 2, 1, 2]],
+     r"segment_ids\[row 0\]: dialogue 1 is not one contiguous run .*position 2"),
     ([[1, 0, 2]], None, r"padding splits the row's tokens .*position 2"),
     ([[1, 2]], [[-1, 1]], r"segment_ids\[row 0, position 0\] is negative"),
 ])
