@@ -5,8 +5,9 @@
 
 Each round states facts ("cat is 4") and asks about names bound in this or earlier rounds, with the
 operation word last ("cat dog sum ?"). Answers are 1–3 words, so teacher-forced exact match per answer
-(eval/exact_match, also per round) measures the task directly. Trains on CPU in minutes; comparing masks
-means running this config three times with --config.model.mask=ism|causal|prefix.
+(eval/exact_match, also per round) measures the task directly. On 2 CPU cores a step takes ~0.8 s: after
+600 steps (10 minutes) the eval answer loss is 0.59 and exact match 21%; the full 2,000 steps take about
+half an hour. Comparing masks means running this config with --config.model.mask=ism|causal|prefix.
 """
 
 from ism_jax.training.config import base_config
@@ -16,7 +17,7 @@ def get_config():
   config = base_config()
   config.seed = 0  # parameter init and data shuffle seed
 
-  # Model: ~0.9M parameters, float32 (CPU).
+  # Model: ~1.1M parameters, float32 (CPU).
   config.model.vocab_size = 320  # embedding rows (the task's tokenizer has 300 pieces)
   config.model.embed_dim = 128  # model width
   config.model.num_layers = 4  # transformer blocks
