@@ -6,8 +6,9 @@
      "grad_norm": 0.8, "eval/loss": 2.52, "eval/loss_round_0": 2.9, ..., "eval/exact_match": 0.41}
 
 ``loss`` is that step's loss; ``loss_avg`` the mean since the previous record. On resume from step ``s``
-the records after ``s`` (written by the interrupted run) are dropped, and TensorBoard is told to purge them,
-so both show one consistent history. Only process 0 writes.
+the records after ``s`` (written by the interrupted run; all of them when no checkpoint was left) are
+dropped, and TensorBoard is told to purge them, so both show one consistent history. Only process 0
+writes.
 """
 
 from __future__ import annotations
@@ -55,15 +56,15 @@ class MetricsWriter:
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
-                               purge_step=resume_step + 1 if resume_step else None)
+                               purge_step=resume_step + 1 if resume_step else 0)
 
   def _truncate_after(self, step: int) -> None:
-    """Drops records of steps after ``step`` (left by a run that was interrupted after its checkpoint)."""
+    """Drops records after checkpoint ``step`` (all of them for a fresh start): an interrupted run's."""
     if not os.path.exists(self._path):
       return
     with open(self._path, encoding="utf-8") as f:
       lines = [line for line in f if line.strip()]
-    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    keep = [line for line in lines if step and json.loads(line).get("step", 0) <= step]
     if len(keep) != len(lines):
       tmp = self._path + ".tmp"
       with open(tmp, "w", encoding="utf-8") as f:
