@@ -69,6 +69,14 @@ def test_saved_config_round_trips_through_json():
   assert config_lib.resume_differences(restored, config) == ["data.seq_len: checkpoint 64, now 256"]
 
 
+def test_tuple_fields_saved_as_json_lists_do_not_block_a_resume():
+  config = config_lib.base_config()
+  config.model.rope_scaling = (8.0, 1.0, 4.0, 8192)
+  import json  # pylint: disable=import-outside-toplevel
+  saved = config_lib.from_json_dict(json.loads(config.to_json()))
+  assert config_lib.resume_differences(saved, config) == []
+
+
 def test_cli_refuses_an_unknown_field():
   result = subprocess.run(
       [sys.executable, "train.py", "--config=configs/default.py", "--workdir=/nonexistent/never_written",

@@ -231,9 +231,14 @@ def resume_differences(saved: ml_collections.ConfigDict, current: ml_collections
   for name in dataclasses.asdict(ModelConfig()):
     if name in MODEL_RUNTIME_FIELDS or f"model.{name}" in RESUME_LOCKED_FIELDS:
       continue
-    if saved.model.get(name) != current.model.get(name):
+    if _as_tuples(saved.model.get(name)) != _as_tuples(current.model.get(name)):
       diffs.append(f"model.{name}: checkpoint {saved.model.get(name)!r}, now {current.model.get(name)!r}")
   return diffs
+
+
+def _as_tuples(value: Any) -> Any:
+  """Lists (as saved in JSON) and tuples (as written in config files) compare equal."""
+  return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _get(config: ml_collections.ConfigDict, path: str) -> Any:
