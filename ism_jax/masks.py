@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -289,6 +290,11 @@ def leaking_targets(loss_mask, ranges: MaskRanges, segment_ids) -> jax.Array:
   return loss_mask & (bad_target | visible_target)
 
 
+@functools.partial(jax.jit, static_argnames="kind")
+def _leaks(types, ids, loss_mask, kind):
+  return leaking_targets(loss_mask, make_attention_ranges(types, ids, kind), ids)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Host-side value validation (numpy; call on batches before they enter a jitted step).
 # ----------------------------------------------------------------------------------------------------------
@@ -353,8 +359,7 @@ def validate_segments(segment_types, segment_ids=None, loss_mask=None, kind: str
           f"{resumes}); pack each dialogue as one run"
       )
   if loss_mask is not None:
-    ranges = make_attention_ranges(jnp.asarray(types), jnp.asarray(ids), kind)
-    leaks = np.asarray(leaking_targets(loss_mask, ranges, jnp.asarray(ids)))
+    leaks = np.asarray(_leaks(jnp.asarray(types), jnp.asarray(ids), jnp.asarray(loss_mask), kind))
     if leaks.any():
       row, col = np.argwhere(leaks)[0]
       raise ValueError(
