@@ -21,7 +21,8 @@ from ism_jax.attention import attention as dispatch_attention
 from ism_jax.attention import pallas_gpu, pallas_tpu, resolve_impl, tiles
 from ism_jax.attention.gpu_common import GpuTuning
 from ism_jax.attention.xla import dense_attention
-from ism_jax.masks import make_attention_mask, make_attention_ranges
+from ism_jax.inference.engine import chunk_ranges
+from ism_jax.masks import MaskRanges, make_attention_mask, make_attention_ranges
 from tests import layouts
 
 PAD, QUERY, ANSWER = layouts.PAD, layouts.QUERY, layouts.ANSWER
@@ -163,6 +164,96 @@ def test_gpu_kernel_interpret_packed_gqa(kind, batch, length):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# GPU kernel, forward-only path (query chunk over a KV cache, T != S) in interpret mode
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cache_chunk_layout(length: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(types [4, length], starts [4])``: chunks as the engine writes them at slot ``start`` of a cache.
+
+  0: the last answer token, a query block, an answer token, a second query block, then padding;
+  1: one query block filling the chunk, starting mid-tile; 2: a single answer token (a decode-like row);
+  3: no tokens at all (a row sitting the round out).
+  """
+  rows = [
+      _runs((ANSWER, 1), (QUERY, 9), (ANSWER, 1), (QUERY, length // 2), (PAD, length - length // 2 - 11)),
+      [QUERY] * length,
+      [ANSWER] + [PAD] * (length - 1),
+      [PAD] * length,
+  ]
+  return np.array(rows, np.int32), np.array([130, 37, 199, 0], np.int32)
+
+
+def kv_cache(seed: int, batch: int, length: int, slots: int, heads: int, kv_heads: int, dim: int,
+             dtype=jnp.float32):
+  """``q [B, length, H, D]`` and a cache ``k, v [B, slots, K, D]`` of random values."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(keys[0], (batch, length, heads, dim), dtype)
+  k = jax.random.normal(keys[1], (batch, slots, kv_heads, dim), dtype)
+  v = jax.random.normal(keys[2], (batch, slots, kv_heads, dim), dtype)
+  return q, k, v
+
+
+@pytest.mark.parametrize("key_split", [64, 100_000])  # four key splits merged, or one
+def test_gpu_forward_only_interpret_chunk_over_cache(key_split):
+  """Chunks at different cache offsets (query blocks, answers, padding rows) over 224 slots, GQA 4/2."""
+  types, starts = cache_chunk_layout(24)  # 24 queries x 2 heads per KV head pad to 128 rows
+  ranges = chunk_ranges(jnp.asarray(types), jnp.asarray(starts), from_start=False)
+  assert ranges.q_lo is None
+  assert (np.diff(np.asarray(ranges.k_hi), axis=1) >= 0).all(), "padding rows must keep k_hi monotone"
+  q, k, v = kv_cache(5, 4, 24, 224, heads=4, kv_heads=2, dim=32)  # 224 slots pad to 256, D to 64
+  out = pallas_gpu.attention_forward(q, k, v, ranges, tuning=GPU_TILES, key_split=key_split, interpret=True)
+  np.testing.assert_allclose(out, dense_attention(q, k, v, ranges), atol=2e-5)
+
+
+def test_gpu_forward_only_interpret_decode_steps():
+  """T = 1 over a 192-slot cache (two default key splits), rows at different fills and one empty range."""
+  fill = jnp.array([[0], [150], [63], [0]], jnp.int32)
+  ranges = MaskRanges(k_lo=jnp.zeros_like(fill), k_hi=(fill + 1).at[3].set(0))
+  q, k, v = kv_cache(6, 4, 1, 192, heads=4, kv_heads=1, dim=64)
+  out = pallas_gpu.attention_forward(q, k, v, ranges, tuning=GPU_TILES, interpret=True)
+  want = dense_attention(q, k, v, ranges)
+  np.testing.assert_allclose(out, want, atol=2e-5)
+  np.testing.assert_array_equal(out[3], 0.0)  # nothing visible: zeros, like the dense path
+
+
+def test_gpu_forward_only_refuses_gradients():
+  q, k, v = kv_cache(7, 1, 1, 64, heads=2, kv_heads=1, dim=64)
+  ranges = MaskRanges(k_lo=jnp.zeros((1, 1), jnp.int32), k_hi=jnp.full((1, 1), 9, jnp.int32))
+  loss = lambda q: pallas_gpu.attention_forward(q, k, v, ranges, tuning=GPU_TILES, interpret=True).sum()
+  with pytest.raises(NotImplementedError, match="no backward pass"):
+    jax.eval_shape(jax.grad(loss), q)
+
+
+def test_dispatch_runs_the_forward_only_kernel_for_cache_calls_per_device(monkeypatch):
+  """``pallas_gpu`` calls that do not fit the training kernel take the forward-only path, under a mesh too
+  (shard_map over rows and heads with ranges lacking q_lo/q_hi); ``pallas_tpu`` ones fall back to xla.
+
+  Under the mesh the spy computes with ``dense_attention``: Mosaic GPU's interpreter keeps one shared state
+  and cannot run several devices' kernels at once (the kernel itself is checked above)."""
+  from ism_jax import sharding
+
+  calls = []
+
+  def spy(*args, **kwargs):
+    calls.append(args[0].shape)
+    return dense_attention(*args, **kwargs)
+
+  monkeypatch.setattr(pallas_gpu, "attention_forward", spy)
+  fill = jnp.array([[5], [70], [127], [31]], jnp.int32)
+  ranges = MaskRanges(k_lo=jnp.zeros_like(fill), k_hi=fill + 1)
+  q, k, v = kv_cache(8, 4, 1, 128, heads=4, kv_heads=2, dim=16)
+  want = dense_attention(q, k, v, ranges)
+  mesh = sharding.make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])
+  with jax.set_mesh(mesh):
+    out = jax.jit(lambda q, k, v, r: dispatch_attention(q, k, v, r, impl="pallas_gpu"))(q, k, v, ranges)
+  assert calls == [(2, 1, 2, 16)]  # one trace, per device: half the rows and half the heads
+  np.testing.assert_allclose(out, want, atol=1e-6)
+  np.testing.assert_allclose(dispatch_attention(q, k, v, ranges, impl="pallas_tpu"), want, atol=1e-6)
+  assert len(calls) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
 # TPU kernel in interpret mode
 # ----------------------------------------------------------------------------------------------------------
 
@@ -260,6 +351,23 @@ def test_gpu_compiled_bf16_degenerate_layouts():
 def test_gpu_compiled_float32_inputs_and_odd_head_dim():
   types, ids = packed_layouts(4, batch=2, length=700)
   assert_matches_oracle(gpu_compiled, types, ids, "ism", heads=6, kv_heads=3, dim=80, atol=2e-2)
+
+
+@gpu_only
+@pytest.mark.parametrize("fill, length, slots", [(4000, 256, 4608), (3000, 1, 5632), (700, 1, 5632)])
+def test_gpu_compiled_forward_only_over_a_cache(fill, length, slots):
+  """A cached prefill (query block after ``fill`` cached slots) and decode steps, 32 / 8 heads of 64, bf16."""
+  types = np.full((2, length), QUERY, np.int32)
+  types[1, length // 2:] = PAD  # the second row: half a chunk, then padding
+  types[:, 0] = ANSWER
+  starts = jnp.array([fill, fill // 3], jnp.int32)
+  ranges = chunk_ranges(jnp.asarray(types), starts, from_start=False)
+  q, k, v = kv_cache(9, 2, length, slots, heads=32, kv_heads=8, dim=64, dtype=jnp.bfloat16)
+  out = jax.jit(gpu_compiled)(q, k, v, ranges)
+  f32 = lambda x: x.astype(jnp.float32)
+  want = dense_attention(f32(q), f32(k), f32(v), ranges)
+  real = jnp.asarray(types != PAD)[:, :, None, None]
+  np.testing.assert_allclose(f32(out) * real, want * real, atol=2e-2)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,9 +12,11 @@ all three mask kinds. Implementations:
 ``pallas_tpu``   block-sparse Pallas kernel for TPUs (TPU default)
 ===============  ===============================================================================
 
-``impl="auto"`` picks by the default backend. The Pallas kernels need both range pairs (``q_lo``/``q_hi``
-for the backward pass) and equal query and key lengths; calls that do not fit them (decoding against a KV
-cache) fall back to ``xla``.
+``impl="auto"`` picks by the default backend. The differentiable Pallas kernels need both range pairs
+(``q_lo``/``q_hi`` for the backward pass) and equal query and key lengths. Calls that do not fit them (a
+prefill over a KV cache, a decode step) run ``pallas_gpu``'s forward-only kernel path
+(:func:`ism_jax.attention.pallas_gpu.attention_forward`: per-query ranges, any key length, no backward) on
+GPU, and fall back to ``xla`` on TPU.
 
 Under a multi-device mesh (``jax.set_mesh``) the XLA paths are partitioned by the compiler, but a Pallas
 kernel is opaque to it; so the kernels run under ``jax.shard_map``: every device attends over its own
@@ -73,7 +75,8 @@ def per_device(kernel: Callable, q_BTHD, k_BSKD, v_BSKD, ranges: MaskRanges, **k
     q_spec = PartitionSpec(q_spec[0], None, None, None)
     kv_spec = PartitionSpec(kv_spec[0], None, None, None)
   rows = PartitionSpec(q_spec[0], None)
-  ranges_spec = MaskRanges(rows, rows, rows, rows)
+  ranges_spec = MaskRanges(*(None if x is None else rows for x in (ranges.k_lo, ranges.k_hi, ranges.q_lo,
+                                                                    ranges.q_hi)))
   run = jax.shard_map(lambda q, k, v, r: kernel(q, k, v, r, **kwargs), mesh=mesh,
                       in_specs=(q_spec, kv_spec, kv_spec, ranges_spec), out_specs=q_spec, check_vma=False)
   return run(q_BTHD, k_BSKD, v_BSKD, ranges)
@@ -86,7 +89,7 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: M
   Args:
     q_BTHD: queries ``[batch, query_len, heads, head_dim]``.
     k_BSKD, v_BSKD: keys and values ``[batch, key_len, kv_heads, head_dim]``; ``heads % kv_heads == 0``.
-    ranges: the mask as per-query key ranges (and per-key query ranges for the kernels).
+    ranges: the mask as per-query key ranges (and per-key query ranges for the differentiable kernels).
     impl: one of ``IMPLEMENTATIONS``.
     scale: logit scale, default ``head_dim ** -0.5``.
 
@@ -101,7 +104,10 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: M
   if ranges.k_lo.shape != q_BTHD.shape[:2]:
     raise ValueError(f"ranges.k_lo has shape {ranges.k_lo.shape}, expected {q_BTHD.shape[:2]}")
   impl = resolve_impl(impl)
-  kernel_fits = ranges.q_lo is not None and q_BTHD.shape[1] == k_BSKD.shape[1]
+  kernel_fits = ranges.q_lo is not None and ranges.q_hi is not None and q_BTHD.shape[1] == k_BSKD.shape[1]
+  if impl == "pallas_gpu" and not kernel_fits:
+    forward_only = importlib.import_module(_KERNEL_MODULES[impl]).attention_forward
+    return per_device(forward_only, q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale)
   if impl.startswith("pallas") and not kernel_fits:
     impl = "xla"
   if impl.startswith("pallas"):

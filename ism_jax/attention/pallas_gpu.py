@@ -13,21 +13,34 @@ and accumulators are float32. Grouped-query attention: ``H % K == 0``. Any lengt
 the wrapper pads the sequence to the tile multiple (padding rows see only themselves) and the head
 dimension to a multiple of 64 with zeros (which changes no logit and no output column), then slices.
 
+**Forward-only path** (:func:`attention_forward`, inference): a query chunk of ``T`` rows over a key axis of
+``S`` slots (a prefill over a KV cache, a decode step), ``T != S`` allowed, per-query ranges ``k_lo, k_hi``
+only. The same forward kernel runs on rearranged rows: the ``G = H / K`` query heads of a KV head become
+rows ``(t, g)`` (each CTA reads a K/V tile once for the whole group), and the key axis is cut into splits
+whose partial results are merged by their log-sum-exp (split-KV, so that a short chunk still fills the
+GPU). Tiles past each row's ``k_hi`` are never read, so a decode reads only the filled part of the cache.
+It has no backward pass.
+
 ``interpret=True`` runs the same kernels in Pallas' GPU interpret mode on CPU (for tests).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from ism_jax.attention import gpu_backward, gpu_forward, tiles
-from ism_jax.attention.gpu_common import GpuTuning
+from ism_jax.attention.gpu_common import COMPUTE_WGS, GpuTuning
 from ism_jax.masks import MaskRanges
 
 _HEAD_DIM_MULTIPLE = 64
+# The forward-only path aims its grid at one wave of CTAs: a forward CTA holds all of an SM's registers
+# (two compute warpgroups at 232, the memory warpgroup at 40), and H100 and H200 have 132 SMs.
+_WAVE_CTAS = 132
+_MIN_SPLIT_TILES = 2  # key tiles per split at least, so a CTA's fixed cost stays small against its work
 
 
 def _check(q_BTHD, k_BSKD, v_BSKD, ranges: MaskRanges) -> None:
@@ -113,3 +126,139 @@ def _attention_bwd(scale, tuning: GpuTuning, interpret, residuals, dout):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward-only path: a query chunk over a longer key axis (inference).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_forward_only(q_BTHD, k_BSKD, v_BSKD, ranges: MaskRanges) -> None:
+  if (q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or k_BSKD.shape != v_BSKD.shape
+      or q_BTHD.shape[0] != k_BSKD.shape[0] or q_BTHD.shape[3] != k_BSKD.shape[3]):
+    raise ValueError(f"pallas_gpu attention_forward needs q [B, T, H, D] and k, v [B, S, K, D] of one shape; "
+                     f"got q {q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKD.shape}")
+  if q_BTHD.shape[2] % k_BSKD.shape[2]:
+    raise ValueError(f"{q_BTHD.shape[2]} query heads are not a multiple of {k_BSKD.shape[2]} KV heads")
+  if ranges.k_lo.shape != q_BTHD.shape[:2] or ranges.k_hi.shape != q_BTHD.shape[:2]:
+    raise ValueError(f"ranges.k_lo and k_hi must have shape {q_BTHD.shape[:2]}, got {ranges.k_lo.shape} "
+                     f"and {ranges.k_hi.shape}")
+
+
+def key_split_length(rows: int, kv_heads: int, batch: int, keys: int, tuning: GpuTuning = GpuTuning()) -> int:
+  """Keys per split of :func:`attention_forward`'s default: enough splits that the grid comes near one
+  wave (``_WAVE_CTAS``), each at least ``_MIN_SPLIT_TILES`` key tiles.
+
+  Args:
+    rows: query rows per KV head (``T * H / K``); ``kv_heads``, ``batch``: the other grid axes.
+    keys: the key axis length ``S``.
+  """
+  row_ctas = batch * kv_heads * -(-rows // (COMPUTE_WGS * tuning.block_q))
+  key_tiles = -(-keys // tuning.block_kv)
+  splits = max(1, _WAVE_CTAS // row_ctas)
+  return max(_MIN_SPLIT_TILES, -(-key_tiles // splits)) * tuning.block_kv
+
+
+def attention_forward(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: MaskRanges, *,
+                      scale: float | None = None, tuning: GpuTuning = GpuTuning(),
+                      key_split: int | None = None, interpret: bool = False) -> jax.Array:
+  """Forward-only masked attention of a query chunk over a key axis of any length (inference).
+
+  Query ``t`` sees keys ``k_lo[b, t] <= s < k_hi[b, t]`` (key coordinates, e.g. cache slots); ``q_lo`` and
+  ``q_hi`` are ignored. Key tiles past each row tile's largest ``k_hi`` are never read. The wrapper packs
+  the query heads of each KV head into rows, pads rows to the CTA's 128 (repeating the last row's range, so
+  the ranges stay non-decreasing), keys to the key tile (``block_kv``, or 64 when that avoids the copy) and
+  the head dimension to a multiple of 64, runs the forward kernel once per key split, and merges the splits
+  by their log-sum-exp. Padding copies the K/V window, as does casting float32 K/V to bf16 on the GPU.
+
+  Args:
+    q_BTHD: queries ``[B, T, H, D]``.
+    k_BSKD, v_BSKD: keys and values ``[B, S, K, D]``, ``H % K == 0``, ``S`` independent of ``T``.
+    ranges: ``MaskRanges`` with ``k_lo, k_hi`` ``[B, T]`` int, non-decreasing along ``T`` (the contract of
+      :class:`MaskRanges`). Values are clipped to ``[0, S]``; a row with an empty range gives zeros (as in
+      :func:`ism_jax.attention.xla.dense_attention`).
+    scale: logit scale, default ``D ** -0.5``.
+    tuning: tile sizes (:class:`GpuTuning`; only ``block_q``, ``block_kv`` and ``stages`` are used).
+    key_split: keys per split (rounded up to the key tile); ``None``: :func:`key_split_length`; ``>= S``:
+      one split.
+    interpret: run in GPU interpret mode on CPU.
+
+  Returns:
+    ``[B, T, H, D]`` in ``q``'s dtype. Not differentiable: ``jax.grad`` raises ``NotImplementedError``.
+  """
+  _check_forward_only(q_BTHD, k_BSKD, v_BSKD, ranges)
+  batch, length, heads, head_dim = q_BTHD.shape
+  keys, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
+  group = heads // kv_heads
+  scale = head_dim ** -0.5 if scale is None else float(scale)
+  out_dtype = q_BTHD.dtype
+  compute_dtype = jnp.bfloat16 if jnp.dtype(out_dtype) == jnp.float32 and not interpret else out_dtype
+  if keys % tuning.block_kv and keys % 64 == 0:
+    tuning = dataclasses.replace(tuning, block_kv=64)
+  block_kv, cta_rows = tuning.block_kv, COMPUTE_WGS * tuning.block_q
+  rows = length * group
+  split_rows = -(-rows // cta_rows) * cta_rows
+  padded_keys = -(-keys // block_kv) * block_kv
+  padded_dim = -(-head_dim // _HEAD_DIM_MULTIPLE) * _HEAD_DIM_MULTIPLE
+  split = key_split_length(rows, kv_heads, batch, keys, tuning) if key_split is None else key_split
+  split = min(-(-split // block_kv) * block_kv, padded_keys)
+  num_splits = -(-padded_keys // split)
+
+  # Rows (t, g): the group's query heads of one KV head, ranges repeated per head (still non-decreasing).
+  q_BRKD = q_BTHD.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 1, 3, 2, 4)
+  q_BRKD = _pad_axis(_pad_axis(q_BRKD.reshape(batch, rows, kv_heads, head_dim).astype(compute_dtype), 1,
+                               split_rows), 3, padded_dim)
+  k_lo_BR = jnp.repeat(jnp.clip(ranges.k_lo.astype(jnp.int32), 0, keys), group, axis=1)
+  k_hi_BR = jnp.repeat(jnp.clip(ranges.k_hi.astype(jnp.int32), 0, keys), group, axis=1)
+  k_lo_BR, k_hi_BR = tiles.pad_rows_repeating_last(k_lo_BR, k_hi_BR, split_rows)
+  # Split n covers keys [first, last); its rows' ranges are clipped to it and kept non-empty (one key at its
+  # edge, so that every CTA has a tile to walk); `seen` marks the rows with a true key in the split.
+  first_N1 = (jnp.arange(num_splits, dtype=jnp.int32) * split)[:, None]
+  last_N1 = jnp.minimum(first_N1 + split, padded_keys)
+  lo_BNR = jnp.clip(k_lo_BR[:, None], first_N1, last_N1 - 1)
+  hi_BNR = jnp.clip(k_hi_BR[:, None], first_N1 + 1, last_N1)
+  seen_BNR = jnp.minimum(k_hi_BR[:, None], last_N1) > jnp.maximum(k_lo_BR[:, None], first_N1)
+  q_all = jnp.broadcast_to(q_BRKD[:, None], (batch, num_splits, *q_BRKD.shape[1:]))
+  q_all = q_all.reshape(batch, num_splits * split_rows, kv_heads, padded_dim)
+
+  def prepare_kv(x):
+    return _pad_axis(_pad_axis(x.astype(compute_dtype), 1, padded_keys), 3, padded_dim)
+
+  out, lse = _forward_only(q_all, prepare_kv(k_BSKD), prepare_kv(v_BSKD), lo_BNR.reshape(batch, -1),
+                           hi_BNR.reshape(batch, -1), scale, tuning, interpret)
+  out_BNRKD = out.reshape(batch, num_splits, split_rows, kv_heads, padded_dim)[:, :, :rows, :, :head_dim]
+  seen_BNRK = seen_BNR[:, :, :rows, None]
+  if num_splits == 1:
+    out_BRKD = jnp.where(seen_BNRK[..., None], out_BNRKD, 0)[:, 0]
+  else:
+    lse_BNRK = lse.reshape(batch, kv_heads, num_splits, split_rows)[..., :rows].transpose(0, 2, 3, 1)
+    lse_BNRK = jnp.where(seen_BNRK, lse_BNRK, -jnp.inf)
+    top_BRK = jnp.max(lse_BNRK, axis=1)
+    top_BRK = jnp.where(jnp.isfinite(top_BRK), top_BRK, 0.0)
+    weight_BNRK = jnp.exp2(lse_BNRK - top_BRK[:, None])  # 0 for splits the row has no key in
+    total_BRK = jnp.sum(weight_BNRK, axis=1)
+    merged = jnp.sum(weight_BNRK[..., None] * out_BNRKD.astype(jnp.float32), axis=1)
+    out_BRKD = merged / jnp.maximum(total_BRK, jnp.finfo(jnp.float32).tiny)[..., None]
+  out_BTHD = out_BRKD.reshape(batch, length, group, kv_heads, head_dim).transpose(0, 1, 3, 2, 4)
+  return out_BTHD.reshape(batch, length, heads, head_dim).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _forward_only(q, k, v, k_lo, k_hi, scale, tuning, interpret):
+  return _forward(q, k, v, k_lo, k_hi, scale, tuning, interpret)
+
+
+def _forward_only_fwd(q, k, v, k_lo, k_hi, scale, tuning, interpret):
+  return _forward(q, k, v, k_lo, k_hi, scale, tuning, interpret), None
+
+
+def _forward_only_bwd(scale, tuning, interpret, residuals, cotangents):
+  del scale, tuning, interpret, residuals, cotangents
+  raise NotImplementedError(
+      "pallas_gpu's forward-only attention (query length != key length, or ranges without q_lo/q_hi: "
+      "prefill over a KV cache, decoding) has no backward pass; differentiate calls with equal query and "
+      "key lengths and all four ranges (ism_jax.masks.make_attention_ranges), which run the training kernel"
+  )
+
+
+_forward_only.defvjp(_forward_only_fwd, _forward_only_bwd)

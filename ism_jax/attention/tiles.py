@@ -94,3 +94,18 @@ def pad_ranges(ranges: MaskRanges, padded_length: int) -> MaskRanges:
 
   return MaskRanges(k_lo=extend(ranges.k_lo, 0), k_hi=extend(ranges.k_hi, 1),
                     q_lo=extend(ranges.q_lo, 0), q_hi=extend(ranges.q_hi, 1))
+
+
+def pad_rows_repeating_last(lo_BT: jax.Array, hi_BT: jax.Array, padded_length: int
+                            ) -> tuple[jax.Array, jax.Array]:
+  """Extends per-row ranges ``[B, T]`` to ``[B, padded_length]`` by repeating each row's last range.
+
+  For query chunks over a longer key axis (``T != S``), where "sees only itself" has no meaning: the
+  repeated range keeps ``lo`` and ``hi`` non-decreasing, so the padded row tiles classify like the real
+  ones, and the padding rows' outputs are finite (they are sliced away).
+  """
+  pad = padded_length - lo_BT.shape[-1]
+  if pad == 0:
+    return lo_BT, hi_BT
+  extend = lambda x: jnp.concatenate([x, jnp.repeat(x[:, -1:], pad, axis=1)], axis=1)
+  return extend(lo_BT), extend(hi_BT)
