@@ -20,7 +20,9 @@ its cache writes land past the row's fill or are dropped past the end. A prefill
 ``W`` slots, ``W`` the bucket length at or above the furthest slot any row's chunk reaches, so an early round
 does not pay for the empty end of the cache.
 When every row starts at slot 0 (a first round, a ``prefix`` recompute) ``W = T`` and the ranges are the
-chunk's own, which lets the Pallas kernels run. Compiled programs: one decode step, and one prefill per
+chunk's own (all four arrays), so on GPU the training kernel runs; other prefills and the decode step have
+per-query ranges over ``W`` or ``max_len`` slots and run its forward-only path, which reads only the slots
+below each row's ``k_hi`` (:mod:`ism_jax.attention`). Compiled programs: one decode step, and one prefill per
 ``(T, W)`` pair, shared by all engines over equal models (:data:`TRACE_COUNTS` counts traces,
 :func:`compiled_counts` executables; :meth:`Engine.warmup` compiles them ahead). The cache buffer is donated
 to every step, so updates are in place.
@@ -73,14 +75,19 @@ def chunk_ranges(types_BT: jax.Array, start_B: jax.Array, from_start: bool) -> M
 
   ``types_BT`` are the mask-effective segment types with padding (``PAD``) at the end of each row. With
   ``from_start`` every row with tokens starts at slot 0 and keys are the chunk itself, so the full range form
-  (``q_lo``/``q_hi`` too, which the Pallas kernels need) is that of the chunk. Otherwise real tokens see
-  ``[0, start + chunk-local k_hi)`` and padding sees slot 0 (a finite row that nobody reads).
+  (``q_lo``/``q_hi`` too, which the differentiable Pallas kernels take) is that of the chunk. Otherwise real
+  tokens see ``[0, start + chunk-local k_hi)`` and padding tokens repeat the last real token's range (a row
+  without tokens sees slot 0), so ``k_hi`` stays non-decreasing along the chunk as the kernels' tile bounds
+  need; padding rows are never read.
+
+  Returns:
+    ``MaskRanges``, ``[B, T]`` int32 arrays (``k_lo, k_hi`` only unless ``from_start``).
   """
   ranges = make_attention_ranges(types_BT)
   if from_start:
     return ranges
   real_BT = types_BT != SegmentType.PAD
-  k_hi_BT = jnp.where(real_BT, ranges.k_hi + start_B[:, None], 1)
+  k_hi_BT = jax.lax.cummax(jnp.where(real_BT, ranges.k_hi + start_B[:, None], 1), axis=1)
   return MaskRanges(k_lo=jnp.zeros_like(k_hi_BT), k_hi=k_hi_BT)
 
 
