@@ -2,6 +2,7 @@
 
     python benchmarks/multiturn_latency.py --out /tmp/multiturn          # ~1B model on one GPU
     python benchmarks/multiturn_latency.py --preset tiny --rounds 4      # smoke test on CPU
+    python benchmarks/multiturn_latency.py --attention_probe             # attention alone: xla vs kernel
 
 One dialogue of ``--rounds`` rounds (query and answer lengths drawn uniformly from ``--query_len`` and
 ``--answer_len``) is served under each mask kind with :mod:`ism_jax.inference`:
@@ -33,9 +34,10 @@ import numpy as np
 from flax import nnx
 
 from ism_jax.attention import attention
+from ism_jax.attention.xla import dense_attention
 from ism_jax.inference.dialogues import DialogueBatch
-from ism_jax.inference.engine import Engine, compiled_counts
-from ism_jax.masks import make_attention_ranges
+from ism_jax.inference.engine import Engine, chunk_ranges, compiled_counts
+from ism_jax.masks import MaskRanges, SegmentType, make_attention_ranges
 from ism_jax.model import ModelConfig, Transformer
 
 KINDS = ("causal", "ism", "prefix")
@@ -57,16 +59,20 @@ def build_model(config: ModelConfig) -> Transformer:
 
 
 def usable_attention(impl: str, dtype) -> str:
-  """``impl`` if it runs and matches the XLA reference on a bidirectional block, else ``"xla"``."""
+  """``impl`` if it runs and matches the XLA reference on a bidirectional block (a prefill from slot 0) and
+  on a decode step over a cache (the forward-only path on GPU), else ``"xla"``."""
   if impl == "xla":
     return impl
-  keys = jax.random.split(jax.random.key(0), 3)
-  q, k, v = (jax.random.normal(key, (1, 256, 8, 64), dtype) for key in keys)
-  ranges = make_attention_ranges(jnp.ones((1, 256), jnp.int32))
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (jax.random.normal(key, (1, 256, 8, 64), dtype) for key in keys[:3])
+  decode_ranges = MaskRanges(k_lo=jnp.zeros((1, 1), jnp.int32), k_hi=jnp.full((1, 1), 200, jnp.int32))
+  cases = [(q, k, v, make_attention_ranges(jnp.ones((1, 256), jnp.int32))), (q[:, :1], k, v, decode_ranges)]
   try:
-    out = jax.jit(lambda q, k, v: attention(q, k, v, ranges, impl=impl))(q, k, v)
-    ref = attention(q, k, v, ranges, impl="xla")
-    error = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
+    error = 0.0
+    for q, k, v, ranges in cases:
+      out = jax.jit(lambda q, k, v, r: attention(q, k, v, r, impl=impl))(q, k, v, ranges)
+      ref = attention(q, k, v, ranges, impl="xla")
+      error = max(error, float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max()))
   except Exception as e:  # pylint: disable=broad-except
     print(f"attention_impl={impl!r} failed ({type(e).__name__}: {str(e)[:200]}); using xla")
     return "xla"
@@ -143,6 +149,53 @@ def probe(args) -> None:
   summary = ", ".join(f"{k}: {1e3 * statistics.median(p[k] for p in passes):.2f}" for k in passes[0])
   print(f"probe layers={args.layers} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} attention="
         f"{config.attention_impl} ({time.perf_counter() - start:.0f}s) [ms]: {summary}", flush=True)
+
+
+# (call, T, S, fill): decode steps over the whole cache, a 256-token round after 4000 cached tokens.
+ATTENTION_PROBE_CASES = [("decode", 1, 5632, 500), ("decode", 1, 5632, 2500), ("decode", 1, 5632, 5000),
+                         ("prefill", 256, 4608, 4000)]
+
+
+def attention_probe(args) -> None:
+  """Attention alone, as the scanned model calls it over its layers' caches (ms per call of all layers,
+  median of 7 x 10 calls): decode steps (T = 1 over the whole cache) at three fills and a cached prefill
+  (a 256-token chunk after 4000 cached slots, over a 4608-slot window); dense XLA against the forward-only
+  kernel with its default key split and with one split."""
+  from ism_jax.attention import pallas_gpu  # pylint: disable=import-outside-toplevel
+
+  config = ModelConfig(**PRESETS[args.preset])
+  layers, heads, kv_heads, dim = config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim
+  impls = {
+      "xla": dense_attention,
+      "kernel": pallas_gpu.attention_forward,
+      "kernel 1 split": lambda *a: pallas_gpu.attention_forward(*a, key_split=1 << 30),
+  }
+  cases = ATTENTION_PROBE_CASES
+  print(f"attention probe: {layers} layers, {heads}/{kv_heads} heads of {dim}, {config.compute_dtype}, "
+        f"{jax.devices()[0].device_kind} [ms per call of all layers]")
+  print("| call | T | S | fill | " + " | ".join(impls) + " |")
+  print("|---|---|---|---|" + "---|" * len(impls))
+  for name, length, slots, fill in cases:
+    keys = jax.random.split(jax.random.key(fill), 3)
+    q = jax.random.normal(keys[0], (layers, 1, length, heads, dim), config.dtype)
+    k, v = (jax.random.normal(key, (layers, 1, slots, kv_heads, dim), config.dtype) for key in keys[1:])
+    types = jnp.full((1, length), SegmentType.QUERY, jnp.int32).at[:, 0].set(SegmentType.ANSWER)
+    ranges = chunk_ranges(types, jnp.array([fill], jnp.int32), from_start=False)
+    times = []
+    for impl in impls.values():
+      step = lambda c, x, impl=impl: (c, impl(*x, ranges))
+      fn = jax.jit(lambda q, k, v, step=step: jax.lax.scan(step, None, (q, k, v))[1])
+      jax.block_until_ready(fn(q, k, v))
+      samples = []
+      for _ in range(7):
+        start = time.perf_counter()
+        for _ in range(10):
+          out = fn(q, k, v)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / 10)
+      times.append(statistics.median(samples) * 1e3)
+    print(f"| {name} | {length} | {slots} | {fill} | " + " | ".join(f"{t:.3f}" for t in times) + " |",
+          flush=True)
 
 
 def run(args) -> dict:
@@ -249,10 +302,12 @@ def parse_args(argv=None):
   parser.add_argument("--answer_len", type=int, nargs=2, default=(64, 256), help="min and max answer tokens")
   parser.add_argument("--repeats", type=int, default=3, help="timed passes per kind (median reported)")
   parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-  parser.add_argument("--attention_impl", default="auto", help="for the from-slot-0 prefills (GPU only)")
+  parser.add_argument("--attention_impl", default="auto", help="attention of every step (GPU only)")
   parser.add_argument("--layers", choices=("scan", "unrolled"), default="scan",
                       help="layers under jax.lax.scan (fast compiles) or unrolled")
   parser.add_argument("--probe", action="store_true", help="only time a few steps (compare settings)")
+  parser.add_argument("--attention_probe", action="store_true",
+                      help="only time attention alone: dense xla vs the forward-only kernel (GPU)")
   parser.add_argument("--min_bucket", type=int, default=64, help="smallest padded prefill length")
   parser.add_argument("--bucket_step", type=int, default=0,
                       help="pad prefills longer than this to its multiples; 0 = powers of two only")
@@ -267,6 +322,9 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   if args.probe:
     probe(args)
+    return
+  if args.attention_probe:
+    attention_probe(args)
     return
   if args.from_json:
     with open(args.from_json, encoding="utf-8") as f:
