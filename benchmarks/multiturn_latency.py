@@ -37,6 +37,7 @@ from ism_jax.attention import attention
 from ism_jax.attention.xla import dense_attention
 from ism_jax.inference.dialogues import DialogueBatch
 from ism_jax.inference.engine import Engine, chunk_ranges, compiled_counts
+from ism_jax.inference.sampling import SamplingParams, as_arrays
 from ism_jax.masks import MaskRanges, SegmentType, make_attention_ranges
 from ism_jax.model import ModelConfig, Transformer
 
@@ -143,10 +144,33 @@ def probe(args) -> None:
     return {"prefill 4000 from slot 0": long.ttft_s, "prefill 200 at slot 4001": short.ttft_s,
             "decode step": short.decode_s / short.decode_tokens}
 
+  def queued_prefill(calls: int = 20) -> float:
+    """Seconds per cached 200-token prefill (at slot 4001) with ``calls`` steps queued back to back: the
+    device's time per step once host dispatch and the transfer of the first token overlap it."""
+    dialogues.reset()
+    dialogues.ask([tokens(4000)], max_new_tokens=1)
+    start_B, length_B = engine.fill.astype(np.int32), np.array([200], np.int32)
+    padded, window = engine.bucket(200), engine.bucket(int(start_B[0]) + 200)
+    tokens_BT = np.zeros((1, padded), np.int32)
+    types_BT = np.zeros((1, padded), np.int32)
+    tokens_BT[0, :200], types_BT[0, :200] = tokens(200), SegmentType.QUERY
+    inputs = (tokens_BT, types_BT, start_B, length_B, jax.random.key(0), as_arrays([SamplingParams()]))
+    run, prefill = engine._run, engine._prefill_fn  # pylint: disable=protected-access
+    step = lambda: run(prefill, engine.cache, *inputs, window=window, from_start=False, all_greedy=True)
+    engine.cache, first, _ = step()
+    jax.block_until_ready(first)
+    start = time.perf_counter()
+    for _ in range(calls):
+      engine.cache, first, _ = step()
+    jax.block_until_ready(first)
+    return (time.perf_counter() - start) / calls
+
   start = time.perf_counter()
   one_pass()  # compiles
   passes = [one_pass() for _ in range(4 * args.repeats)]
+  queued = statistics.median(queued_prefill() for _ in range(3))
   summary = ", ".join(f"{k}: {1e3 * statistics.median(p[k] for p in passes):.2f}" for k in passes[0])
+  summary += f", prefill 200 at slot 4001 queued: {1e3 * queued:.2f}"
   print(f"probe layers={args.layers} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} attention="
         f"{config.attention_impl} ({time.perf_counter() - start:.0f}s) [ms]: {summary}", flush=True)
 
