@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
   args = build_parser().parse_args(argv)
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.ERROR)  # orbax's informational warnings while restoring the checkpoint
   from ism_jax.inference.session import ChatBatch, ChatSession  # pylint: disable=import-outside-toplevel
   try:
     conversations = []
