@@ -33,7 +33,11 @@ import sys
 REPO_DIR = os.path.abspath("ism_jax_repo" if INSTALL else ".")  # holds configs/
 if INSTALL:
   if not os.path.isdir(REPO_DIR):
-    subprocess.run(["git", "clone", "--depth", "1", REPO_URL, REPO_DIR], check=True)
+    clone = subprocess.run(["git", "clone", "--depth", "1", REPO_URL, REPO_DIR],
+                           capture_output=True, text=True)
+    if clone.returncode:
+      raise RuntimeError(f"could not clone REPO_URL={REPO_URL!r} ({clone.stderr.strip()}); set REPO_URL "
+                         "in the parameters cell to the git URL of your copy of ism_jax")
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", REPO_DIR], check=True)
   sys.path.insert(0, REPO_DIR)"""),
     ("md", "## 2. Devices"),
