@@ -39,27 +39,8 @@ class _Row:
   cached: int = 0  # tokens[:cached] have their K/V in the cache (ism, causal)
 
 
-@dataclasses.dataclass
-class RoundResult:
-  """One round of a :class:`DialogueBatch`. Per-row lists hold ``None`` for rows that sat it out.
-
-  Attributes:
-    answers: generated answer tokens (end of turn included when the model emitted it).
-    stop_reasons: ``"end_of_turn"``, ``"max_new_tokens"`` or ``"cache_full"``.
-    logits: with ``return_logits``, ``[n_b, V]`` logits each answer token was drawn from.
-    ttft_s, decode_s, decode_tokens: see :class:`ism_jax.inference.engine.Generation`.
-  """
-
-  answers: list[np.ndarray | None]
-  stop_reasons: list[str | None]
-  logits: list[np.ndarray | None] | None
-  ttft_s: float
-  decode_s: float
-  decode_tokens: int
-
-  @property
-  def decode_tokens_per_s(self) -> float:
-    return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+# One round of a DialogueBatch: the engine's record of it (per-row lists hold None for rows that sat it out).
+RoundResult = Generation
 
 
 class DialogueBatch:
@@ -163,16 +144,14 @@ class DialogueBatch:
         [None if c is None else c[0] for c in chunks], restart=self.kind == "prefix",
         max_new_tokens=max_new_tokens, sampling=sampling, eot_id=self.eot_id, return_logits=return_logits)
     self._record(chunks, generation)
-    return RoundResult(answers=generation.tokens, stop_reasons=generation.stop_reasons,
-                       logits=generation.logits, ttft_s=generation.ttft_s, decode_s=generation.decode_s,
-                       decode_tokens=generation.decode_tokens)
+    return generation
 
   def _record(self, chunks, generation: Generation) -> None:
     fill = self.engine.fill
     for b, chunk in enumerate(chunks):
       if chunk is None:
         continue
-      row, query, answer = self._rows[b], chunk[1], generation.tokens[b]
+      row, query, answer = self._rows[b], chunk[1], generation.answers[b]
       row.tokens += query.tolist() + answer.tolist()
       row.types += [SegmentType.QUERY] * query.size + [SegmentType.ANSWER] * answer.size
       if self.eot_id is not None and answer[-1] != self.eot_id:  # the template's end of turn, as trained

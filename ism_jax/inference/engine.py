@@ -169,8 +169,8 @@ class Generation:
   """What one :meth:`Engine.generate` call produced.
 
   Attributes:
-    tokens: per row, the answer tokens ``[n_b]`` int32 (end of turn included when emitted), or ``None`` for
-      rows without a chunk.
+    answers: per row, the answer tokens ``[n_b]`` int32 (end of turn included when emitted), or ``None``
+      for rows without a chunk.
     stop_reasons: per row ``"end_of_turn"``, ``"max_new_tokens"``, ``"cache_full"`` (the budget was cut to
       the free slots) or ``None``.
     logits: with ``return_logits``, per row ``[n_b, V]`` float32: the logits each answer token was drawn from.
@@ -179,12 +179,16 @@ class Generation:
     decode_tokens: answer tokens produced by decode steps (all rows; the first tokens come from prefill).
   """
 
-  tokens: list[np.ndarray | None]
+  answers: list[np.ndarray | None]
   stop_reasons: list[str | None]
   logits: list[np.ndarray | None] | None
   ttft_s: float
   decode_s: float
   decode_tokens: int
+
+  @property
+  def decode_tokens_per_s(self) -> float:
+    return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
 
 def _cast_params(state: nnx.State, dtype) -> nnx.State:
@@ -349,14 +353,14 @@ class Engine:
     decode_time = time.perf_counter() - start_time - ttft
     logits = np.asarray(jnp.stack([first_logits_BV] + step_logits, axis=1)) if return_logits else None
 
-    out = Generation(tokens=[None] * self.batch_size, stop_reasons=[None] * self.batch_size,
+    out = Generation(answers=[None] * self.batch_size, stop_reasons=[None] * self.batch_size,
                      logits=[None] * self.batch_size if return_logits else None, ttft_s=ttft,
                      decode_s=decode_time, decode_tokens=0)
     for b in rows:
       n = int(budgets[b] - remaining[b])
-      out.tokens[b] = tokens[b, :n]
+      out.answers[b] = tokens[b, :n]
       out.decode_tokens += n - 1
-      if out.tokens[b][-1] == eot:
+      if out.answers[b][-1] == eot:
         out.stop_reasons[b] = "end_of_turn"
       else:
         out.stop_reasons[b] = "max_new_tokens" if n == max_new_tokens[b] else "cache_full"
