@@ -27,6 +27,7 @@ temporary folder first and swaps it in only when complete.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import os
@@ -101,8 +102,9 @@ class DialogueBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION, features=dialogue_features())
 
+  @abc.abstractmethod
   def dialogues(self, split: str) -> Iterable[tuple[str, list[Message]]]:
-    raise NotImplementedError(f"{type(self).__name__} must implement dialogues(split)")
+    """Yields ``(id, messages)`` for every dialogue of ``split``."""
 
   def _split_generators(self, dl_manager):
     del dl_manager
