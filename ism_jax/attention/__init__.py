@@ -115,4 +115,6 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: M
   return _implementation(impl)(q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale)
 
 
-__all__ = ["IMPLEMENTATIONS", "attention", "chunked_attention", "dense_attention", "per_device", "resolve_impl"]
+__all__ = [
+    "IMPLEMENTATIONS", "attention", "chunked_attention", "dense_attention", "per_device", "resolve_impl",
+]

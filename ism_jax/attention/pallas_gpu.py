@@ -53,15 +53,6 @@ def _check(q_BTHD, k_BSKD, v_BSKD, ranges: MaskRanges) -> None:
     raise ValueError("pallas_gpu attention needs the per-key ranges q_lo, q_hi (make_attention_ranges)")
 
 
-def _pad_axis(x, axis: int, size: int):
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
-
-
 def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: MaskRanges, *,
               scale: float | None = None, tuning: GpuTuning = GpuTuning(),
               interpret: bool = False) -> jax.Array:
@@ -89,7 +80,7 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: M
   padded_dim = -(-head_dim // _HEAD_DIM_MULTIPLE) * _HEAD_DIM_MULTIPLE
 
   def prepare(x):
-    return _pad_axis(_pad_axis(x.astype(compute_dtype), 1, padded_len), 3, padded_dim)
+    return tiles.pad_axis(tiles.pad_axis(x.astype(compute_dtype), 1, padded_len), 3, padded_dim)
 
   r = tiles.pad_ranges(ranges, padded_len)
   out = _attention(prepare(q_BTHD), prepare(k_BSKD), prepare(v_BSKD), r.k_lo, r.k_hi, r.q_lo, r.q_hi,
@@ -206,8 +197,8 @@ def attention_forward(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, r
 
   # Rows (t, g): the group's query heads of one KV head, ranges repeated per head (still non-decreasing).
   q_BRKD = q_BTHD.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 1, 3, 2, 4)
-  q_BRKD = _pad_axis(_pad_axis(q_BRKD.reshape(batch, rows, kv_heads, head_dim).astype(compute_dtype), 1,
-                               split_rows), 3, padded_dim)
+  q_BRKD = q_BRKD.reshape(batch, rows, kv_heads, head_dim).astype(compute_dtype)
+  q_BRKD = tiles.pad_axis(tiles.pad_axis(q_BRKD, 1, split_rows), 3, padded_dim)
   k_lo_BR = jnp.repeat(jnp.clip(ranges.k_lo.astype(jnp.int32), 0, keys), group, axis=1)
   k_hi_BR = jnp.repeat(jnp.clip(ranges.k_hi.astype(jnp.int32), 0, keys), group, axis=1)
   k_lo_BR, k_hi_BR = tiles.pad_rows_repeating_last(k_lo_BR, k_hi_BR, split_rows)
@@ -222,7 +213,7 @@ def attention_forward(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, r
   q_all = q_all.reshape(batch, num_splits * split_rows, kv_heads, padded_dim)
 
   def prepare_kv(x):
-    return _pad_axis(_pad_axis(x.astype(compute_dtype), 1, padded_keys), 3, padded_dim)
+    return tiles.pad_axis(tiles.pad_axis(x.astype(compute_dtype), 1, padded_keys), 3, padded_dim)
 
   out, lse = _forward_only(q_all, prepare_kv(k_BSKD), prepare_kv(v_BSKD), lo_BNR.reshape(batch, -1),
                            hi_BNR.reshape(batch, -1), scale, tuning, interpret)

@@ -34,12 +34,6 @@ def _row_multiple(tuning: TpuTuning) -> int:
                   tuning.dkv_block_kv, tuning.dkv_block_q)
 
 
-def _pad(x, axis: int, size: int):
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths)
-
-
 def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: MaskRanges, *,
               scale: float | None = None, tuning: TpuTuning = TpuTuning(),
               interpret: bool = False) -> jax.Array:
@@ -70,7 +64,7 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: M
   padded_dim = head_dim if interpret else -(-head_dim // _LANES) * _LANES
 
   def heads_first(x):
-    return _pad(_pad(x, 1, padded_len), 3, padded_dim).transpose(0, 2, 1, 3)
+    return tiles.pad_axis(tiles.pad_axis(x, 1, padded_len), 3, padded_dim).transpose(0, 2, 1, 3)
 
   r = tiles.pad_ranges(ranges, padded_len)
   out = _attention(heads_first(q_BTHD), heads_first(k_BSKD), heads_first(v_BSKD), r.k_lo, r.k_hi, r.q_lo,

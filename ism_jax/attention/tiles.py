@@ -36,6 +36,16 @@ from ism_jax.masks import MaskRanges
 START, FULL_START, FULL_END, END = 0, 1, 2, 3
 
 
+def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+  """``x`` zero-padded at the end of ``axis`` to ``size`` (unchanged when already that long)."""
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
 def _ceil_div(x: jax.Array, d: int) -> jax.Array:
   return (x + d - 1) // d
 
