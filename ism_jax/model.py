@@ -64,6 +64,9 @@ class ModelConfig:
   mask: str = "ism"  # default mask kind: "ism" | "causal" | "prefix"
   attention_impl: str = "auto"  # see ism_jax.attention.IMPLEMENTATIONS
   scan_layers: bool = False  # one stacked block under jax.lax.scan (faster compiles for deep models)
+  # One q/k/v weight [D, K, H/K + 2, Dh] and one gate/up weight [D, 2, M] instead of five: fewer, larger
+  # matmuls. Serving converts a trained model with fuse_projections; the Hugging Face converters refuse it.
+  fused_projections: bool = False
   remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
 
   def __post_init__(self):
@@ -180,11 +183,23 @@ def _write_rows(cache_BSKD: jax.Array, new_BTKD: jax.Array, start_B: jax.Array) 
 
 
 class Attention(nnx.Module):
-  """Grouped-query self-attention with rotary embeddings and an optional KV cache."""
+  """Grouped-query self-attention with rotary embeddings and an optional KV cache.
+
+  With ``config.fused_projections`` one weight ``qkv_proj [D, K, G + 2, Dh]`` (``G = H / K``) holds, per KV
+  head, its ``G`` query heads, then its key and its value head; query head ``h`` is ``(h // G, h % G)``, the
+  grouping attention uses, so tensor parallelism over ``kv_heads`` splits whole groups.
+  """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     d, h, k, hd = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
     self.config = config
+    if config.fused_projections:
+      self.qkv_proj = _param(rngs, config, (d, k, h // k + 2, hd), ("embed", "kv_heads", None, "head_dim"))
+      self.o_proj = _param(rngs, config, (h, hd, d), ("heads", "head_dim", "embed"))
+      if config.qkv_bias:
+        zeros = jax.nn.initializers.zeros
+        self.qkv_bias = _param(rngs, config, (k, h // k + 2, hd), ("kv_heads", None, "head_dim"), zeros)
+      return
     self.q_proj = _param(rngs, config, (d, h, hd), ("embed", "heads", "head_dim"))
     self.k_proj = _param(rngs, config, (d, k, hd), ("embed", "kv_heads", "head_dim"))
     self.v_proj = _param(rngs, config, (d, k, hd), ("embed", "kv_heads", "head_dim"))
@@ -202,12 +217,24 @@ class Attention(nnx.Module):
       y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
     return y
 
+  def _project_qkv(self, x_BTD) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries ``[B, T, H, Dh]``, keys and values ``[B, T, K, Dh]``."""
+    if not self.config.fused_projections:
+      return self._project(x_BTD, "q"), self._project(x_BTD, "k"), self._project(x_BTD, "v")
+    dtype = self.config.dtype
+    y_BTKCD = jnp.einsum("btd,dkch->btkch", x_BTD, self.qkv_proj[...].astype(dtype))
+    if self.config.qkv_bias:
+      y_BTKCD = y_BTKCD + self.qkv_bias[...].astype(dtype)
+    group = y_BTKCD.shape[3] - 2
+    q_BTHD = y_BTKCD[:, :, :, :group].reshape(*x_BTD.shape[:2], -1, y_BTKCD.shape[-1])
+    return q_BTHD, y_BTKCD[:, :, :, group], y_BTKCD[:, :, :, group + 1]
+
   def __call__(self, x_BTD, positions_BT, ranges: MaskRanges, cache: LayerCache | None = None,
                write_index_B: jax.Array | None = None):
     config = self.config
-    q_BTHD = apply_rope(self._project(x_BTD, "q"), positions_BT, config.rope_theta, config.rope_scaling)
-    k_BTKD = apply_rope(self._project(x_BTD, "k"), positions_BT, config.rope_theta, config.rope_scaling)
-    v_BTKD = self._project(x_BTD, "v")
+    q_BTHD, k_BTKD, v_BTKD = self._project_qkv(x_BTD)
+    q_BTHD = apply_rope(q_BTHD, positions_BT, config.rope_theta, config.rope_scaling)
+    k_BTKD = apply_rope(k_BTKD, positions_BT, config.rope_theta, config.rope_scaling)
     if cache is not None:
       cache = LayerCache(_write_rows(cache.k, k_BTKD, write_index_B),
                          _write_rows(cache.v, v_BTKD, write_index_B))
@@ -218,19 +245,27 @@ class Attention(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-  """``down(silu(gate(x)) * up(x))``."""
+  """``down(silu(gate(x)) * up(x))``; with ``config.fused_projections`` gate and up are one weight
+  ``gate_up_proj [D, 2, M]``."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     d, m = config.embed_dim, config.mlp_dim
     self.config = config
-    self.gate_proj = _param(rngs, config, (d, m), ("embed", "mlp"))
-    self.up_proj = _param(rngs, config, (d, m), ("embed", "mlp"))
+    if config.fused_projections:
+      self.gate_up_proj = _param(rngs, config, (d, 2, m), ("embed", None, "mlp"))
+    else:
+      self.gate_proj = _param(rngs, config, (d, m), ("embed", "mlp"))
+      self.up_proj = _param(rngs, config, (d, m), ("embed", "mlp"))
     self.down_proj = _param(rngs, config, (m, d), ("mlp", "embed"))
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dtype = self.config.dtype
-    gate_BTM = x_BTD @ self.gate_proj[...].astype(dtype)
-    up_BTM = x_BTD @ self.up_proj[...].astype(dtype)
+    if self.config.fused_projections:
+      y_BT2M = jnp.einsum("btd,dcm->btcm", x_BTD, self.gate_up_proj[...].astype(dtype))
+      gate_BTM, up_BTM = y_BT2M[:, :, 0], y_BT2M[:, :, 1]
+    else:
+      gate_BTM = x_BTD @ self.gate_proj[...].astype(dtype)
+      up_BTM = x_BTD @ self.up_proj[...].astype(dtype)
     hidden_BTM = sharding.constrain(jax.nn.silu(gate_BTM) * up_BTM, ("batch", "length", "mlp"))
     return hidden_BTM @ self.down_proj[...].astype(dtype)
 
@@ -355,6 +390,69 @@ def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
     return Block(config, rngs=rngs)
 
   return create(rngs)
+
+
+def _rebuild(model: Transformer, config: ModelConfig, value_of) -> Transformer:
+  """A model of ``config`` whose parameter at each path is ``value_of(path, flat)``, where ``flat`` maps the
+  paths of ``model``'s parameters to their values; placed by the rules table when those are on a mesh."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+  flat = {path: variable[...] for path, variable in nnx.to_flat_state(nnx.state(model))}
+  mesh = getattr(next(iter(flat.values())).sharding, "mesh", None)
+
+  def place(variable, value):
+    if mesh is not None and not mesh.empty:
+      spec = sharding.logical_to_spec(variable.logical_axes, value.shape, dict(mesh.shape))
+      value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
+    return variable.replace(value)
+
+  new = [(path, place(variable, value_of(path, flat))) for path, variable in nnx.to_flat_state(abstract)]
+  return nnx.merge(graphdef, nnx.from_flat_state(new))
+
+
+def unstack_layers(model: Transformer) -> Transformer:
+  """The same network with scanned layers turned into a list of blocks (returned as is when not scanned).
+
+  Serving prefers unrolled layers: a scanned step runs as a device-side loop whose every iteration slices
+  its weights out of the stacked arrays and launches its kernels one by one, while an unrolled step is one
+  straight sequence of kernels that the compiler can fuse across layers and capture as a CUDA graph. The
+  parameters are copied (layer ``i`` of every stacked ``[L, ...]`` array).
+  """
+  if not model.config.scan_layers:
+    return model
+
+  def layer_value(path, flat):
+    if path[0] == "blocks":  # ("blocks", i, *rest) <- ("blocks", *rest)[i]
+      return flat[("blocks", *path[2:])][path[1]]
+    return flat[path]
+
+  return _rebuild(model, dataclasses.replace(model.config, scan_layers=False), layer_value)
+
+
+def fuse_projections(model: Transformer) -> Transformer:
+  """The same network with ``fused_projections``: q/k/v weights (and biases) concatenated per KV head into
+  ``qkv_proj [..., D, K, G + 2, Dh]`` and gate/up stacked into ``gate_up_proj [..., D, 2, M]`` (copies).
+
+  One matmul instead of three, and one instead of two, run faster for the short chunks of serving and
+  halve the kernel launches of the projections. Returned as is when already fused.
+  """
+  if model.config.fused_projections:
+    return model
+  kv_heads = model.config.num_kv_heads
+
+  def grouped(q, k, v):  # q [..., H, Dh], k and v [..., K, Dh] -> [..., K, G + 2, Dh]
+    q = q.reshape(*q.shape[:-2], kv_heads, -1, q.shape[-1])
+    return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+
+  def fused_value(path, flat):
+    *module, name = path
+    parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "qkv_bias": ("q_bias", "k_bias", "v_bias")}
+    if name in parts:
+      return grouped(*(flat[(*module, part)] for part in parts[name]))
+    if name == "gate_up_proj":
+      return jnp.stack([flat[(*module, "gate_proj")], flat[(*module, "up_proj")]], axis=-2)
+    return flat[path]
+
+  return _rebuild(model, dataclasses.replace(model.config, fused_projections=True), fused_value)
 
 
 def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype: Any = None):

@@ -112,6 +112,31 @@ def test_scanned_layers_give_the_same_logits(tiny_model, packed_batch, remat_pol
                              grads_plain["blocks"][1]["mlp"]["up_proj"][...], atol=1e-5)
 
 
+def test_serving_transforms_keep_the_network(packed_batch):
+  """unstack_layers and fuse_projections (as the inference engine applies them) give the same logits, with
+  QKV biases and GQA, on one device and placed by the rules table on a mesh."""
+  from ism_jax.model import fuse_projections, unstack_layers  # pylint: disable=import-outside-toplevel
+
+  config = ModelConfig.tiny(scan_layers=True, qkv_bias=True)
+  model = Transformer(config, rngs=nnx.Rngs(4))
+  for name in ("q_bias", "k_bias", "v_bias"):  # zeros at init: make them count
+    bias = getattr(model.blocks.attn, name)
+    bias[...] = jax.random.normal(jax.random.key(len(name)), bias[...].shape)
+  batch = {k: jnp.asarray(v) for k, v in packed_batch.items()}
+  run = lambda m: m(batch["tokens"], batch["segment_types"], batch["segment_ids"])
+  served = fuse_projections(unstack_layers(model))
+  assert not served.config.scan_layers and served.config.fused_projections
+  assert served.blocks[1].attn.qkv_proj[...].shape == (32, 2, 4, 8)  # [D, K, G + 2, Dh]
+  np.testing.assert_allclose(run(served), run(model), atol=1e-5)
+  np.testing.assert_allclose(run(fuse_projections(model)), run(model), atol=1e-5)  # fused, still scanned
+
+  mesh = sharding.make_mesh(data=4, fsdp=1, tensor=2)
+  sharded = sharding.create_sharded(lambda: Transformer(config, rngs=nnx.Rngs(4)), mesh)
+  served = fuse_projections(unstack_layers(sharded))
+  spec = served.blocks[0].attn.qkv_proj[...].sharding.spec
+  assert spec == jax.sharding.PartitionSpec(None, "tensor", None, None), spec  # whole query groups per shard
+
+
 def test_sharded_on_8_devices_matches_one_device(packed_batch):
   assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
   config = ModelConfig.tiny(vocab_size=64)
