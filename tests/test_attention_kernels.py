@@ -206,12 +206,14 @@ def test_gpu_forward_only_interpret_chunk_over_cache(key_split):
   np.testing.assert_allclose(out, dense_attention(q, k, v, ranges), atol=2e-5)
 
 
-def test_gpu_forward_only_interpret_decode_steps():
-  """T = 1 over a 192-slot cache (two default key splits), rows at different fills and one empty range."""
+@pytest.mark.parametrize("slots,key_split", [(192, None), (512, 128)])
+def test_gpu_forward_only_interpret_decode_steps(slots, key_split):
+  """T = 1 over a 192-slot cache (two default key splits), and over 512 slots of which at most 151 are
+  filled (four splits sharing out each row's filled keys), rows at different fills and one empty range."""
   fill = jnp.array([[0], [150], [63], [0]], jnp.int32)
   ranges = MaskRanges(k_lo=jnp.zeros_like(fill), k_hi=(fill + 1).at[3].set(0))
-  q, k, v = kv_cache(6, 4, 1, 192, heads=4, kv_heads=1, dim=64)
-  out = pallas_gpu.attention_forward(q, k, v, ranges, tuning=GPU_TILES, interpret=True)
+  q, k, v = kv_cache(6, 4, 1, slots, heads=4, kv_heads=1, dim=64)
+  out = pallas_gpu.attention_forward(q, k, v, ranges, tuning=GPU_TILES, key_split=key_split, interpret=True)
   want = dense_attention(q, k, v, ranges)
   np.testing.assert_allclose(out, want, atol=2e-5)
   np.testing.assert_array_equal(out[3], 0.0)  # nothing visible: zeros, like the dense path

@@ -94,6 +94,9 @@ def _attention(q, k, v, k_lo, k_hi, q_lo, q_hi, scale, tuning, interpret):
   return out
 
 
+# Jitted so that a model calling the kernel once per layer (unrolled layers) lowers it once: equal calls share
+# one traced program, and lowering reuses it instead of building the Mosaic kernel again for every layer.
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
 def _forward(q, k, v, k_lo, k_hi, scale, tuning: GpuTuning, interpret):
   bounds = tiles.tile_bounds(k_lo, k_hi, row_tile=tuning.block_q, col_tile=tuning.block_kv)
   return gpu_forward.forward(q, k, v, k_lo, k_hi, bounds, scale=scale, tuning=tuning, interpret=interpret)
@@ -160,7 +163,9 @@ def attention_forward(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, r
   the query heads of each KV head into rows, pads rows to the CTA's 128 (repeating the last row's range, so
   the ranges stay non-decreasing), keys to the key tile (``block_kv``, or 64 when that avoids the copy) and
   the head dimension to a multiple of 64, runs the forward kernel once per key split, and merges the splits
-  by their log-sum-exp. Padding copies the K/V window, as does casting float32 K/V to bf16 on the GPU.
+  by their log-sum-exp. The splits share out each batch row's filled keys ``[0, max k_hi)`` in whole key
+  tiles, so a mostly empty cache costs no more than a full one of the filled length. Padding copies the K/V
+  window, as does casting float32 K/V to bf16 on the GPU.
 
   Args:
     q_BTHD: queries ``[B, T, H, D]``.
@@ -170,8 +175,8 @@ def attention_forward(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, r
       :func:`ism_jax.attention.xla.dense_attention`).
     scale: logit scale, default ``D ** -0.5``.
     tuning: tile sizes (:class:`GpuTuning`; only ``block_q``, ``block_kv`` and ``stages`` are used).
-    key_split: keys per split (rounded up to the key tile); ``None``: :func:`key_split_length`; ``>= S``:
-      one split.
+    key_split: sets the number of splits, ``ceil(S / key_split)`` (``key_split`` rounded up to the key
+      tile); ``None``: :func:`key_split_length`; ``>= S``: one split.
     interpret: run in GPU interpret mode on CPU.
 
   Returns:
@@ -202,13 +207,17 @@ def attention_forward(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, r
   k_lo_BR = jnp.repeat(jnp.clip(ranges.k_lo.astype(jnp.int32), 0, keys), group, axis=1)
   k_hi_BR = jnp.repeat(jnp.clip(ranges.k_hi.astype(jnp.int32), 0, keys), group, axis=1)
   k_lo_BR, k_hi_BR = tiles.pad_rows_repeating_last(k_lo_BR, k_hi_BR, split_rows)
-  # Split n covers keys [first, last); its rows' ranges are clipped to it and kept non-empty (one key at its
-  # edge, so that every CTA has a tile to walk); `seen` marks the rows with a true key in the split.
-  first_N1 = (jnp.arange(num_splits, dtype=jnp.int32) * split)[:, None]
-  last_N1 = jnp.minimum(first_N1 + split, padded_keys)
-  lo_BNR = jnp.clip(k_lo_BR[:, None], first_N1, last_N1 - 1)
-  hi_BNR = jnp.clip(k_hi_BR[:, None], first_N1 + 1, last_N1)
-  seen_BNR = jnp.minimum(k_hi_BR[:, None], last_N1) > jnp.maximum(k_lo_BR[:, None], first_N1)
+  # The splits share out each batch row's filled keys, [0, its largest k_hi), not the whole key axis: in a
+  # half-empty cache every split still has work. Split n of row b covers keys [first, last), whole key tiles;
+  # its rows' ranges are clipped to it and kept non-empty (one key at its edge, so that every CTA has a tile
+  # to walk); `seen` marks the rows with a true key in the split.
+  reach_B11 = jnp.max(k_hi_BR, axis=1)[:, None, None]
+  span_B11 = jnp.maximum(-(-reach_B11 // (num_splits * block_kv)), 1) * block_kv
+  first_BN1 = jnp.minimum(jnp.arange(num_splits, dtype=jnp.int32)[None, :, None] * span_B11, padded_keys - 1)
+  last_BN1 = jnp.minimum(first_BN1 + span_B11, padded_keys)
+  lo_BNR = jnp.clip(k_lo_BR[:, None], first_BN1, last_BN1 - 1)
+  hi_BNR = jnp.clip(k_hi_BR[:, None], first_BN1 + 1, last_BN1)
+  seen_BNR = jnp.minimum(k_hi_BR[:, None], last_BN1) > jnp.maximum(k_lo_BR[:, None], first_BN1)
   q_all = jnp.broadcast_to(q_BRKD[:, None], (batch, num_splits, *q_BRKD.shape[1:]))
   q_all = q_all.reshape(batch, num_splits * split_rows, kv_heads, padded_dim)
 
