@@ -43,8 +43,10 @@ from jax.sharding import Mesh
 
 from ism_jax.inference import cache as cache_lib
 from ism_jax.inference.sampling import SamplingParams, as_arrays, greedy, sample
+from ism_jax.attention import resolve_impl
 from ism_jax.masks import MaskRanges, SegmentType, make_attention_ranges
-from ism_jax.model import Transformer
+from ism_jax.model import Transformer, unstack_layers
+from ism_jax.model import fuse_projections as _fuse
 
 DEFAULT_MIN_BUCKET = 32
 DEFAULT_BUCKET_STEP = 1024
@@ -100,14 +102,24 @@ def _next_tokens(logits_BV, key, sampling, all_greedy: bool):
   return greedy(logits_BV) if all_greedy else sample(logits_BV, key, **sampling)
 
 
-def _prefill_step(model: Transformer, cache, tokens_BT, types_BT, start_B, length_B, key, sampling, *, window,
-                  from_start, all_greedy):
-  """Writes chunks ``[B, T]`` at ``start_B``, attending over slots ``[0, window)``.
+def pack_chunks(tokens_BT: np.ndarray, types_BT: np.ndarray, start_B: np.ndarray, length_B: np.ndarray
+                ) -> np.ndarray:
+  """The inputs of a prefill step as one ``[B, 2 T + 2]`` int32 array (one host-to-device transfer):
+  tokens ``[B, T]``, segment types ``[B, T]``, each row's first slot and its chunk length."""
+  return np.concatenate([tokens_BT, types_BT, start_B[:, None], length_B[:, None]], axis=1).astype(np.int32)
 
-  Returns the cache, the first answer tokens ``[B]`` and their logits ``[B, V]``.
+
+def _prefill_step(model: Transformer, cache, chunks_BX, key, sampling, *, window, from_start, all_greedy):
+  """Writes chunks (packed by :func:`pack_chunks`) at each row's start slot, attending over slots
+  ``[0, window)``.
+
+  Returns the cache, the first answer tokens ``[B]``, their logits ``[B, V]`` and the next random key.
   """
-  length, max_len = tokens_BT.shape[1], cache_lib.num_slots(cache)
+  length, max_len = (chunks_BX.shape[1] - 2) // 2, cache_lib.num_slots(cache)
   TRACE_COUNTS[prefill_name(length, window, from_start, all_greedy)] += 1
+  tokens_BT, types_BT = chunks_BX[:, :length], chunks_BX[:, length:2 * length]
+  start_B, length_B = chunks_BX[:, 2 * length], chunks_BX[:, 2 * length + 1]
+  key, draw_key = jax.random.split(key)
   ranges = chunk_ranges(types_BT, start_B, from_start)
   positions_BT = start_B[:, None] + jnp.arange(length, dtype=jnp.int32)
   write_B = jnp.where(length_B > 0, start_B, window)  # rows without a chunk write nothing
@@ -115,7 +127,7 @@ def _prefill_step(model: Transformer, cache, tokens_BT, types_BT, start_B, lengt
   last_B1 = jnp.maximum(length_B - 1, 0)[:, None]
   logits_B1V, view = model.forward(tokens_BT, positions_BT, ranges, view, write_B, logits_at_BN=last_B1)
   cache = view if window == max_len else cache_lib.put_window(cache, view)
-  return cache, _next_tokens(logits_B1V[:, 0], key, sampling, all_greedy), logits_B1V[:, 0]
+  return cache, _next_tokens(logits_B1V[:, 0], draw_key, sampling, all_greedy), logits_B1V[:, 0], key
 
 
 def _decode_step(model: Transformer, cache, token_B, fill_B, remaining_B, done_B, key, sampling, eot_id, *,
@@ -213,19 +225,31 @@ class Engine:
       of two up to ``max_len``.
     cast_params: keep matrices in the compute dtype (halves the weight reads of a float32-parameter model
       computing in bfloat16; the results are identical, since the model casts them before every use).
+    unroll_layers: serve a model that scans its layers with them unrolled (:func:`~ism_jax.model.
+      unstack_layers`: the same network, fewer and larger GPU launches per step, longer compiles).
+    fuse_projections: serve with q/k/v and gate/up weights concatenated (:func:`~ism_jax.model.
+      fuse_projections`: the same network in fewer, larger matmuls).
     seed: seed of the sampling key.
   """
 
   def __init__(self, model: Transformer, *, batch_size: int = 1, max_len: int = 2048,
                mesh: Mesh | None = None, min_bucket: int = DEFAULT_MIN_BUCKET,
-               bucket_step: int | None = DEFAULT_BUCKET_STEP, cast_params: bool = True, seed: int = 0):
+               bucket_step: int | None = DEFAULT_BUCKET_STEP, cast_params: bool = True,
+               unroll_layers: bool = True, fuse_projections: bool = True, seed: int = 0):
     if max_len < 2:
       raise ValueError(f"max_len={max_len}: the cache needs at least 2 slots")
+    if unroll_layers:
+      model = unstack_layers(model)
+    if fuse_projections:
+      model = _fuse(model)
     self.config = model.config
     self.batch_size = batch_size
     self.max_len = max_len
     self.mesh = mesh
     self.buckets = bucket_lengths(max_len, min_bucket, bucket_step)  # chunk lengths T and key windows W
+    # Dense attention pays for every key it is given, so a cached prefill gets a window of the cache; the
+    # forward-only kernel reads only the slots below each query's k_hi, so it takes the whole cache.
+    self._windowed = resolve_impl(self.config.attention_impl) != "pallas_gpu"
     graphdef, state = nnx.split(model)
     if cast_params and self.config.weight_dtype != self.config.dtype:
       state = _cast_params(state, self.config.dtype)
@@ -292,7 +316,7 @@ class Engine:
       if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
         raise ValueError(f"row {b}: token ids must be in [0, {self.config.vocab_size}), got "
                          f"[{tokens.min()}, {tokens.max()}]")
-      if not np.isin(types, (SegmentType.QUERY, SegmentType.ANSWER)).all():
+      if not ((types == SegmentType.QUERY) | (types == SegmentType.ANSWER)).all():  # (np.isin: slower)
         raise ValueError(f"row {b}: chunk segment types must be QUERY (1) or ANSWER (2)")
       if restart[b]:
         starts[b] = 0
@@ -332,10 +356,11 @@ class Engine:
     lengths = np.array([0 if c is None else c[0].size for c in chunks], np.int64)
     sampling_arrays = as_arrays(sampling)
     all_greedy = all(sampling[b].greedy for b in rows)  # static: greedy steps skip the sort over the vocab
-    self._key, prefill_key, decode_key = jax.random.split(self._key, 3)
+    if all_greedy:
+      sampling_arrays = None  # unused: nothing to transfer
 
-    first_B, first_logits_BV = self._prefill(chunks, rows, starts, lengths, prefill_key, sampling_arrays,
-                                             all_greedy)
+    first_B, first_logits_BV = self._prefill(chunks, rows, starts, lengths, sampling_arrays, all_greedy)
+    first_B.copy_to_host_async()  # queued behind the step on the device: no host round trip once it is done
     first = np.asarray(first_B)
     ttft = time.perf_counter() - start_time
     eot = -1 if eot_id is None else eot_id
@@ -343,8 +368,8 @@ class Engine:
     fill = np.where(active, starts + lengths, self._fill)
     remaining = np.where(active, budgets - 1, 0)
     done = ~active | (first == eot) | (remaining <= 0)
-    steps, step_logits = self._decode_loop(first_B, fill, remaining, done, decode_key, sampling_arrays,
-                                           all_greedy, eot, return_logits)
+    steps, step_logits = self._decode_loop(first_B, fill, remaining, done, sampling_arrays, all_greedy, eot,
+                                           return_logits)
     if steps:
       self._fill, remaining = np.asarray(steps[-1][1]).astype(np.int64), np.asarray(steps[-1][2])
       tokens = np.concatenate([first[:, None], np.asarray(jnp.stack([s[0] for s in steps], axis=1))], axis=1)
@@ -368,22 +393,23 @@ class Engine:
         out.logits[b] = logits[b, :n]
     return out
 
-  def _prefill(self, chunks, rows, starts, lengths, key, sampling, all_greedy):
+  def _prefill(self, chunks, rows, starts, lengths, sampling, all_greedy):
     """Pads the chunks to their bucket, picks the key window and runs the prefill step."""
     padded = self.bucket(int(lengths.max()))
     from_start = all(starts[b] == 0 for b in rows)
     reach = int(max(starts[b] + lengths[b] for b in rows))  # one past the furthest slot a chunk writes
-    window = padded if from_start else max(padded, self.bucket(reach))
+    window = self.prefill_window(padded, reach, from_start)
     tokens_BT = np.zeros((self.batch_size, padded), np.int32)
     types_BT = np.full((self.batch_size, padded), SegmentType.PAD, np.int32)
     for b in rows:
       tokens_BT[b, :lengths[b]], types_BT[b, :lengths[b]] = chunks[b]
-    self.cache, first_B, logits_BV = self._run(
-        self._prefill_fn, self.cache, tokens_BT, types_BT, starts.astype(np.int32), lengths.astype(np.int32),
-        key, sampling, window=window, from_start=from_start, all_greedy=all_greedy)
+    packed = pack_chunks(tokens_BT, types_BT, starts, lengths)
+    self.cache, first_B, logits_BV, self._key = self._run(
+        self._prefill_fn, self.cache, packed, self._key, sampling, window=window, from_start=from_start,
+        all_greedy=all_greedy)
     return first_B, logits_BV
 
-  def _decode_loop(self, token_B, fill, remaining, done, key, sampling, all_greedy, eot, return_logits):
+  def _decode_loop(self, token_B, fill, remaining, done, sampling, all_greedy, eot, return_logits):
     """Runs decode steps until every row is done; the host reads ``done`` ``_DONE_LAG`` steps behind."""
     steps, logits = [], []
     if done.all():
@@ -392,8 +418,8 @@ class Engine:
                                    jnp.asarray(done))
     sampling, eot_id = jax.tree.map(jnp.asarray, sampling), jnp.int32(eot)  # moved to the device once
     for i in range(int(remaining.max())):
-      self.cache, token_B, fill_B, remaining_B, done_B, key, logits_BV = self._run(
-          self._decode_fn, self.cache, token_B, fill_B, remaining_B, done_B, key, sampling, eot_id,
+      self.cache, token_B, fill_B, remaining_B, done_B, self._key, logits_BV = self._run(
+          self._decode_fn, self.cache, token_B, fill_B, remaining_B, done_B, self._key, sampling, eot_id,
           all_greedy=all_greedy)
       done_B.copy_to_host_async()
       steps.append((token_B, fill_B, remaining_B, done_B))
@@ -403,12 +429,19 @@ class Engine:
         break
     return steps, logits
 
+  def prefill_window(self, padded: int, reach: int, from_start: bool) -> int:
+    """The key window ``W`` of a prefill of chunks padded to ``padded`` that write up to slot ``reach``."""
+    if from_start:
+      return padded
+    return max(padded, self.bucket(reach)) if self._windowed else self.max_len
+
   def prefill_shapes(self, chunk_lengths: Sequence[int]) -> list[tuple[int, int, bool]]:
     """Every ``(T, W, from_start)`` a chunk of one of these lengths can need (for :meth:`warmup`)."""
     shapes = set()
     for padded in {self.bucket(n) for n in chunk_lengths}:
       shapes.add((padded, padded, True))
-      shapes.update((padded, w, False) for w in self.buckets if w >= padded)
+      windows = [w for w in self.buckets if w >= padded] if self._windowed else [self.max_len]
+      shapes.update((padded, w, False) for w in windows)
     return sorted(shapes)
 
   def warmup(self, shapes: Sequence[tuple[int, int, bool]] | None = None, chunk_lengths: Sequence[int] = (),
@@ -420,13 +453,12 @@ class Engine:
     """
     shapes = self.prefill_shapes(chunk_lengths) if shapes is None else shapes
     none_B = np.zeros(self.batch_size, np.int32)
-    sampling = as_arrays([SamplingParams()] * self.batch_size)
     for all_greedy in (mode == "greedy" for mode in modes):
+      sampling = None if all_greedy else as_arrays([SamplingParams()] * self.batch_size)
       for padded, window, from_start in shapes:
-        tokens_BT = np.zeros((self.batch_size, padded), np.int32)
-        self.cache, _, _ = self._run(self._prefill_fn, self.cache, tokens_BT, tokens_BT, none_B, none_B,
-                                     self._key, sampling, window=window, from_start=from_start,
-                                     all_greedy=all_greedy)
+        empty = pack_chunks(*(2 * [np.zeros((self.batch_size, padded), np.int32)]), none_B, none_B)
+        self.cache, *_ = self._run(self._prefill_fn, self.cache, empty, self._key, sampling, window=window,
+                                   from_start=from_start, all_greedy=all_greedy)
       self.cache, *_ = self._run(self._decode_fn, self.cache, jnp.asarray(none_B),
                                  jnp.asarray(self._fill, jnp.int32), jnp.asarray(none_B),
                                  jnp.ones(self.batch_size, bool), self._key,
