@@ -13,7 +13,8 @@ One dialogue of ``--rounds`` rounds (query and answer lengths drawn uniformly fr
 Weights and query tokens are random (latency depends on shapes only); answers are decoded greedily for
 exactly their drawn length (no end-of-turn stop), so every kind serves dialogues of the same lengths. Every
 program is compiled in an untimed warm-up pass over the whole dialogue, then each kind runs ``--repeats``
-times (kinds interleaved) and the median per round is reported. Time to first token is measured from the
+times (kinds interleaved, Python's garbage collector paused during a pass, as latency-minded servers do)
+and the median per round is reported. Time to first token is measured from the
 call to the first answer token on the host (prefill and sampling included); decode tokens/s over the rest of
 the answer. Writes ``results.json`` and ``multiturn_ttft.png`` to ``--out`` and prints a table.
 Imports only jax, flax, numpy and ism_jax's model and inference code (matplotlib for the plot if present).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -36,8 +38,7 @@ from flax import nnx
 from ism_jax.attention import attention
 from ism_jax.attention.xla import dense_attention
 from ism_jax.inference.dialogues import DialogueBatch
-from ism_jax.inference.engine import Engine, chunk_ranges, compiled_counts
-from ism_jax.inference.sampling import SamplingParams, as_arrays
+from ism_jax.inference.engine import Engine, chunk_ranges, compiled_counts, pack_chunks
 from ism_jax.masks import MaskRanges, SegmentType, make_attention_ranges
 from ism_jax.model import ModelConfig, Transformer
 
@@ -121,8 +122,7 @@ def median_rounds(passes: list[list[dict]]) -> list[dict]:
 
 
 def model_config(args) -> ModelConfig:
-  config = ModelConfig(**{**PRESETS[args.preset], "attention_impl": "xla",
-                          "scan_layers": args.layers == "scan"})
+  config = ModelConfig(**{**PRESETS[args.preset], "attention_impl": "xla"})
   impl = usable_attention(args.attention_impl, config.dtype) if jax.default_backend() == "gpu" else "xla"
   return dataclasses.replace(config, attention_impl=impl)
 
@@ -131,8 +131,9 @@ def probe(args) -> None:
   """Quick timings (ms, median of ``--repeats`` x 4) of a long prefill from slot 0 (a prefix recompute), a
   short prefill after a long history (a cached round) and a decode step, to compare settings."""
   config = model_config(args)
+  start = time.perf_counter()
   engine = Engine(build_model(config), batch_size=1, max_len=8192, min_bucket=args.min_bucket,
-                  bucket_step=args.bucket_step or None)
+                  bucket_step=args.bucket_step or None, unroll_layers=args.layers == "unrolled")
   dialogues = DialogueBatch(engine, kind="ism", eot_id=None)
   rng = np.random.default_rng(0)
   tokens = lambda n: rng.integers(8, config.vocab_size, size=n)
@@ -150,29 +151,42 @@ def probe(args) -> None:
     dialogues.reset()
     dialogues.ask([tokens(4000)], max_new_tokens=1)
     start_B, length_B = engine.fill.astype(np.int32), np.array([200], np.int32)
-    padded, window = engine.bucket(200), engine.bucket(int(start_B[0]) + 200)
+    padded = engine.bucket(200)
+    window = engine.prefill_window(padded, int(start_B[0]) + 200, from_start=False)
     tokens_BT = np.zeros((1, padded), np.int32)
     types_BT = np.zeros((1, padded), np.int32)
     tokens_BT[0, :200], types_BT[0, :200] = tokens(200), SegmentType.QUERY
-    inputs = (tokens_BT, types_BT, start_B, length_B, jax.random.key(0), as_arrays([SamplingParams()]))
     run, prefill = engine._run, engine._prefill_fn  # pylint: disable=protected-access
-    step = lambda: run(prefill, engine.cache, *inputs, window=window, from_start=False, all_greedy=True)
-    engine.cache, first, _ = step()
+    key = jax.random.key(0)
+    step = lambda: run(prefill, engine.cache, pack_chunks(tokens_BT, types_BT, start_B, length_B), key, None,
+                       window=window, from_start=False, all_greedy=True)
+    engine.cache, first, *_ = step()
     jax.block_until_ready(first)
+    single = []  # one step at a time: (call returned, first token on the host)
+    for _ in range(10):
+      start = time.perf_counter()
+      engine.cache, first, *_ = step()
+      dispatched = time.perf_counter()
+      np.asarray(first)
+      single.append((dispatched - start, time.perf_counter() - start))
     start = time.perf_counter()
     for _ in range(calls):
-      engine.cache, first, _ = step()
+      engine.cache, first, *_ = step()
     jax.block_until_ready(first)
-    return (time.perf_counter() - start) / calls
+    queued = (time.perf_counter() - start) / calls
+    return queued, statistics.median(s[0] for s in single), statistics.median(s[1] for s in single)
 
-  start = time.perf_counter()
   one_pass()  # compiles
+  compiled = time.perf_counter() - start
   passes = [one_pass() for _ in range(4 * args.repeats)]
-  queued = statistics.median(queued_prefill() for _ in range(3))
+  queued = [queued_prefill() for _ in range(3)]
   summary = ", ".join(f"{k}: {1e3 * statistics.median(p[k] for p in passes):.2f}" for k in passes[0])
-  summary += f", prefill 200 at slot 4001 queued: {1e3 * queued:.2f}"
+  names = ("queued", "step alone: dispatch", "step alone: first token on host")
+  summary += "".join(f", prefill 200 at slot 4001 {name}: {1e3 * statistics.median(q[i] for q in queued):.2f}"
+                     for i, name in enumerate(names))
   print(f"probe layers={args.layers} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} attention="
-        f"{config.attention_impl} ({time.perf_counter() - start:.0f}s) [ms]: {summary}", flush=True)
+        f"{config.attention_impl} (engine + compiles {compiled:.0f}s, total "
+        f"{time.perf_counter() - start:.0f}s) [ms]: {summary}", flush=True)
 
 
 # (call, T, S, fill): decode steps over the whole cache, a 256-token round after 4000 cached tokens.
@@ -234,7 +248,7 @@ def run(args) -> dict:
   start = time.perf_counter()
   model = build_model(config)
   engine = Engine(model, batch_size=1, max_len=max_len, min_bucket=args.min_bucket,
-                  bucket_step=args.bucket_step or None)
+                  bucket_step=args.bucket_step or None, unroll_layers=args.layers == "unrolled")
   sessions = {kind: DialogueBatch(engine, kind=kind, eot_id=None) for kind in args.kinds}
   print(f"dialogue: {args.rounds} rounds, {dialogue.num_tokens} tokens; cache {max_len} slots; model built "
         f"in {time.perf_counter() - start:.1f}s")
@@ -246,7 +260,12 @@ def run(args) -> dict:
   passes = {kind: [] for kind in args.kinds}
   for repeat in range(args.repeats):
     for kind in args.kinds:
-      passes[kind].append(serve(sessions[kind], dialogue))
+      gc.collect()
+      gc.disable()  # a collection inside a round would add milliseconds to a single TTFT
+      try:
+        passes[kind].append(serve(sessions[kind], dialogue))
+      finally:
+        gc.enable()
     print(f"  repeat {repeat + 1}/{args.repeats} done", flush=True)
   return {
       "device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
@@ -324,11 +343,11 @@ def parse_args(argv=None):
   parser.add_argument("--rounds", type=int, default=16)
   parser.add_argument("--query_len", type=int, nargs=2, default=(64, 256), help="min and max query tokens")
   parser.add_argument("--answer_len", type=int, nargs=2, default=(64, 256), help="min and max answer tokens")
-  parser.add_argument("--repeats", type=int, default=3, help="timed passes per kind (median reported)")
+  parser.add_argument("--repeats", type=int, default=7, help="timed passes per kind (median reported)")
   parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
   parser.add_argument("--attention_impl", default="auto", help="attention of every step (GPU only)")
-  parser.add_argument("--layers", choices=("scan", "unrolled"), default="scan",
-                      help="layers under jax.lax.scan (fast compiles) or unrolled")
+  parser.add_argument("--layers", choices=("scan", "unrolled"), default="unrolled",
+                      help="serve the (scanned) model's layers unrolled (the engine's default) or scanned")
   parser.add_argument("--probe", action="store_true", help="only time a few steps (compare settings)")
   parser.add_argument("--attention_probe", action="store_true",
                       help="only time attention alone: dense xla vs the forward-only kernel (GPU)")

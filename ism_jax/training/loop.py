@@ -236,8 +236,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f"{rows} rows x {config.data.seq_len} tokens per step, workdir {workdir}")
   t = config.training
   if start >= t.num_steps and primary:
-    progress.message(f"the checkpoint at step {start} already reaches training.num_steps={t.num_steps}; raise "
-                     "--config.training.num_steps to train further")
+    progress.message(f"the checkpoint at step {start} already reaches training.num_steps={t.num_steps}; "
+                     "raise --config.training.num_steps to train further")
   if start == 0 and t.eval_every and eval_batches:  # the starting point of the eval curves
     with jax.set_mesh(mesh):
       initial = evaluation.evaluate(eval_fn, state.params, eval_batches, mesh)
