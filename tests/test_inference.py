@@ -96,8 +96,9 @@ def test_round_by_round_logits_equal_the_full_forward_pass(model, full_forward, 
 
 
 def test_scanned_layers_and_a_sharded_engine_give_the_same_answers(model):
-  """A model with stacked (scanned) layers, and the model sharded on 8 devices with its cache, reproduce the
-  plain engine's logits round by round."""
+  """A model with stacked (scanned) layers (served unrolled and fused, the default, and as it is: scanned,
+  with a stacked cache), and the model sharded on 8 devices with its cache, reproduce the plain engine's
+  logits round by round."""
   rng = np.random.default_rng(8)
   queries = [[_random_query(rng), _random_query(rng)] for _ in range(2)]
   plain = _batch(model, "ism")
@@ -111,17 +112,19 @@ def test_scanned_layers_and_a_sharded_engine_give_the_same_answers(model):
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   sharded = sharding.create_sharded(lambda: Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(1)), mesh)
   nnx.update(sharded, jax.device_put(nnx.state(model), sharding.state_shardings(nnx.state(sharded), mesh)))
-  engines = [Engine(scanned, batch_size=2, max_len=MAX_LEN), Engine(sharded, batch_size=2, max_len=MAX_LEN,
-                                                                   mesh=mesh)]
+  engines = [Engine(sharded, batch_size=2, max_len=MAX_LEN, mesh=mesh), Engine(scanned, batch_size=2,
+                                                                               max_len=MAX_LEN),
+             Engine(scanned, batch_size=2, max_len=MAX_LEN, unroll_layers=False, fuse_projections=False)]
+  assert engines[2].cache.k.shape == (2, 2, MAX_LEN, 2, 8)  # [L, B, S, K, Dh]: the scanned model's own
   expected_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "tensor"))
-  assert engines[1].cache[0].k.sharding.is_equivalent_to(expected_sharding, 4)
+  assert engines[0].cache[0].k.sharding.is_equivalent_to(expected_sharding, 4)
   for engine in engines:
     dialogues = DialogueBatch(engine, kind="ism", eot_id=EOT)
     for q, logits in zip(queries, expected):
       got = dialogues.ask(q, max_new_tokens=[3, 4], return_logits=True).logits
       for row in range(2):
         np.testing.assert_allclose(got[row], logits[row], atol=1e-5)
-  assert engines[1].cache[0].k.sharding.is_equivalent_to(expected_sharding, 4)  # kept through the steps
+  assert engines[0].cache[0].k.sharding.is_equivalent_to(expected_sharding, 4)  # kept through the steps
 
 
 def test_prefix_round_differs_from_reusing_the_cache(model, full_forward):

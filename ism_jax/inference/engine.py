@@ -16,16 +16,22 @@ slots per row. Row ``b`` uses slots ``[0, fill[b])``; slot = position in the dia
 
 Shapes are bucketed so that few programs are compiled: a chunk is padded to ``T``, the next bucket length
 (powers of two, then multiples of ``bucket_step``; see :func:`bucket_lengths`); padding is never seen, and
-its cache writes land past the row's fill or are dropped past the end. A prefill attends only over the first
-``W`` slots, ``W`` the bucket length at or above the furthest slot any row's chunk reaches, so an early round
-does not pay for the empty end of the cache.
-When every row starts at slot 0 (a first round, a ``prefix`` recompute) ``W = T`` and the ranges are the
-chunk's own (all four arrays), so on GPU the training kernel runs; other prefills and the decode step have
-per-query ranges over ``W`` or ``max_len`` slots and run its forward-only path, which reads only the slots
-below each row's ``k_hi`` (:mod:`ism_jax.attention`). Compiled programs: one decode step, and one prefill per
-``(T, W)`` pair, shared by all engines over equal models (:data:`TRACE_COUNTS` counts traces,
-:func:`compiled_counts` executables; :meth:`Engine.warmup` compiles them ahead). The cache buffer is donated
-to every step, so updates are in place.
+its cache writes land past the row's fill or are dropped past the end. Each prefill attends over a key window
+of ``W`` slots. When every row starts at slot 0 (a first round, a ``prefix`` recompute) ``W = T`` and the
+ranges are the chunk's own (all four arrays), so on GPU the training kernel runs. Other prefills and the
+decode step have per-query ranges: on GPU they run the kernel's forward-only path, which reads only the
+slots below each row's ``k_hi`` and shares them out among its key splits (:mod:`ism_jax.attention`), so they
+take the whole cache (``W = max_len``); the dense XLA path pays for every key it is given, so there ``W`` is
+the bucket length at or above the furthest slot any row's chunk reaches and an early round does not pay for
+the empty end of the cache. Compiled programs: one decode step, and one prefill per ``(T, W)`` pair, shared by
+all engines over equal models (:data:`TRACE_COUNTS` counts traces, :func:`compiled_counts` executables;
+:meth:`Engine.warmup` compiles them ahead). The cache buffer is donated to every step: updates are in place.
+
+Serving latency at batch 1 is mostly fixed cost per step (host dispatch, kernel launches), so by default the
+engine serves the model unrolled and with fused projections (:func:`ism_jax.model.unstack_layers`,
+:func:`ism_jax.model.fuse_projections`: the same network, fewer and larger kernels), sends a prefill's
+inputs in one transfer (:func:`pack_chunks`), draws random keys on the device and queues the first token's
+copy to the host behind the step. docs/BENCHMARKS.md has the measurements.
 """
 
 from __future__ import annotations
