@@ -234,7 +234,8 @@ class Engine:
     unroll_layers: serve a model that scans its layers with them unrolled (:func:`~ism_jax.model.
       unstack_layers`: the same network, fewer and larger GPU launches per step, longer compiles).
     fuse_projections: serve with q/k/v and gate/up weights concatenated (:func:`~ism_jax.model.
-      fuse_projections`: the same network in fewer, larger matmuls).
+      fuse_projections`: the same network in fewer, larger matmuls). Both copy the parameters: the engine
+      keeps its own, so drop the model after building the engine to hold them once.
     seed: seed of the sampling key.
   """
 
