@@ -47,9 +47,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from ism_jax.attention import resolve_impl
 from ism_jax.inference import cache as cache_lib
 from ism_jax.inference.sampling import SamplingParams, as_arrays, greedy, sample
-from ism_jax.attention import resolve_impl
 from ism_jax.masks import MaskRanges, SegmentType, make_attention_ranges
 from ism_jax.model import Transformer, unstack_layers
 from ism_jax.model import fuse_projections as _fuse
@@ -361,10 +361,8 @@ class Engine:
     restart, max_new_tokens, sampling = per_row(restart), per_row(max_new_tokens), per_row(sampling)
     rows, starts, budgets = self._validate(chunks, restart, max_new_tokens)
     lengths = np.array([0 if c is None else c[0].size for c in chunks], np.int64)
-    sampling_arrays = as_arrays(sampling)
     all_greedy = all(sampling[b].greedy for b in rows)  # static: greedy steps skip the sort over the vocab
-    if all_greedy:
-      sampling_arrays = None  # unused: nothing to transfer
+    sampling_arrays = None if all_greedy else as_arrays(sampling)  # greedy steps take no settings
 
     first_B, first_logits_BV = self._prefill(chunks, rows, starts, lengths, sampling_arrays, all_greedy)
     first_B.copy_to_host_async()  # queued behind the step on the device: no host round trip once it is done
