@@ -160,18 +160,18 @@ def probe(args) -> None:
     key = jax.random.key(0)
     step = lambda: run(prefill, engine.cache, pack_chunks(tokens_BT, types_BT, start_B, length_B), key, None,
                        window=window, from_start=False, all_greedy=True)
-    engine.cache, first, *_ = step()
+    engine.cache, _, first, *_ = step()
     jax.block_until_ready(first)
     single = []  # one step at a time: (call returned, first token on the host)
     for _ in range(10):
       start = time.perf_counter()
-      engine.cache, first, *_ = step()
+      engine.cache, _, first, *_ = step()
       dispatched = time.perf_counter()
       np.asarray(first)
       single.append((dispatched - start, time.perf_counter() - start))
     start = time.perf_counter()
     for _ in range(calls):
-      engine.cache, first, *_ = step()
+      engine.cache, _, first, *_ = step()
     jax.block_until_ready(first)
     queued = (time.perf_counter() - start) / calls
     return queued, statistics.median(s[0] for s in single), statistics.median(s[1] for s in single)

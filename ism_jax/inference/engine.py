@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ism_jax.attention import resolve_impl
 from ism_jax.inference import cache as cache_lib
@@ -133,7 +133,12 @@ def _prefill_step(model: Transformer, cache, chunks_BX, key, sampling, *, window
   last_B1 = jnp.maximum(length_B - 1, 0)[:, None]
   logits_B1V, view = model.forward(tokens_BT, positions_BT, ranges, view, write_B, logits_at_BN=last_B1)
   cache = view if window == max_len else cache_lib.put_window(cache, view)
-  return cache, _next_tokens(logits_B1V[:, 0], draw_key, sampling, all_greedy), logits_B1V[:, 0], key
+  first_B = _next_tokens(logits_B1V[:, 0], draw_key, sampling, all_greedy)
+  # A copy in host memory, written by the step itself: the host reads the first token as soon as the step
+  # is done, without a device-to-host transfer of its own. (A host-memory output commits every output of
+  # the step to its device; the engine commits all inputs alike, so each program compiles once.)
+  first_on_host_B = jax.device_put(first_B, jax.memory.Space.Host)
+  return cache, first_B, first_on_host_B, logits_B1V[:, 0], key
 
 
 def _decode_step(model: Transformer, cache, token_B, fill_B, remaining_B, done_B, key, sampling, eot_id, *,
@@ -261,11 +266,16 @@ class Engine:
     if cast_params and self.config.weight_dtype != self.config.dtype:
       state = _cast_params(state, self.config.dtype)
     leaves, treedef = jax.tree.flatten(state)
-    self._params = leaves
+    # Inputs are committed to their devices, like the steps' outputs (see _prefill_step), so that warm-up
+    # calls and later calls share their executables.
+    self._placement = jax.devices()[0] if mesh is None else NamedSharding(mesh, PartitionSpec())
+    self._params = leaves if mesh is not None else jax.device_put(leaves, self._placement)
     self._prefill_fn, self._decode_fn = _jitted_steps(graphdef, treedef)
     self.cache = cache_lib.allocate(self.config, batch_size, max_len, mesh)
+    if mesh is None:
+      self.cache = jax.device_put(self.cache, self._placement)
     self._fill = np.zeros(batch_size, np.int64)
-    self._key = jax.random.key(seed)
+    self._key = self._put(jax.random.key(seed))
 
   # --------------------------------------------------------------------------------------------------------
   # Host-side state.
@@ -297,6 +307,10 @@ class Engine:
           f"token, end of turn) = {start + length + 2} > max_len={self.max_len}; reset the row or build the "
           "engine with a larger max_len"
       )
+
+  def _put(self, tree):
+    """Host values (or device arrays) committed to the engine's device (replicated over its mesh)."""
+    return jax.device_put(tree, self._placement)
 
   def _run(self, fn, *args, **kwargs):
     if self.mesh is None:
@@ -364,9 +378,9 @@ class Engine:
     all_greedy = all(sampling[b].greedy for b in rows)  # static: greedy steps skip the sort over the vocab
     sampling_arrays = None if all_greedy else as_arrays(sampling)  # greedy steps take no settings
 
-    first_B, first_logits_BV = self._prefill(chunks, rows, starts, lengths, sampling_arrays, all_greedy)
-    first_B.copy_to_host_async()  # queued behind the step on the device: no host round trip once it is done
-    first = np.asarray(first_B)
+    first_B, first_on_host_B, first_logits_BV = self._prefill(chunks, rows, starts, lengths, sampling_arrays,
+                                                              all_greedy)
+    first = np.asarray(first_on_host_B)
     ttft = time.perf_counter() - start_time
     eot = -1 if eot_id is None else eot_id
     active = np.isin(np.arange(self.batch_size), rows)
@@ -409,19 +423,18 @@ class Engine:
     for b in rows:
       tokens_BT[b, :lengths[b]], types_BT[b, :lengths[b]] = chunks[b]
     packed = pack_chunks(tokens_BT, types_BT, starts, lengths)
-    self.cache, first_B, logits_BV, self._key = self._run(
+    self.cache, first_B, first_on_host_B, logits_BV, self._key = self._run(
         self._prefill_fn, self.cache, packed, self._key, sampling, window=window, from_start=from_start,
         all_greedy=all_greedy)
-    return first_B, logits_BV
+    return first_B, first_on_host_B, logits_BV
 
   def _decode_loop(self, token_B, fill, remaining, done, sampling, all_greedy, eot, return_logits):
     """Runs decode steps until every row is done; the host reads ``done`` ``_DONE_LAG`` steps behind."""
     steps, logits = [], []
     if done.all():
       return steps, logits
-    fill_B, remaining_B, done_B = (jnp.asarray(fill, jnp.int32), jnp.asarray(remaining, jnp.int32),
-                                   jnp.asarray(done))
-    sampling, eot_id = jax.tree.map(jnp.asarray, sampling), jnp.int32(eot)  # moved to the device once
+    fill_B, remaining_B, done_B = self._put((fill.astype(np.int32), remaining.astype(np.int32), done))
+    sampling, eot_id = self._put((sampling, np.int32(eot)))  # moved to the device once
     for i in range(int(remaining.max())):
       self.cache, token_B, fill_B, remaining_B, done_B, self._key, logits_BV = self._run(
           self._decode_fn, self.cache, token_B, fill_B, remaining_B, done_B, self._key, sampling, eot_id,
@@ -464,8 +477,7 @@ class Engine:
         empty = pack_chunks(*(2 * [np.zeros((self.batch_size, padded), np.int32)]), none_B, none_B)
         self.cache, *_ = self._run(self._prefill_fn, self.cache, empty, self._key, sampling, window=window,
                                    from_start=from_start, all_greedy=all_greedy)
-      self.cache, *_ = self._run(self._decode_fn, self.cache, jnp.asarray(none_B),
-                                 jnp.asarray(self._fill, jnp.int32), jnp.asarray(none_B),
-                                 jnp.ones(self.batch_size, bool), self._key,
-                                 jax.tree.map(jnp.asarray, sampling), jnp.int32(-1), all_greedy=all_greedy)
+      inputs = self._put((none_B, self._fill.astype(np.int32), none_B, np.ones(self.batch_size, bool)))
+      self.cache, *_ = self._run(self._decode_fn, self.cache, *inputs, self._key, self._put(sampling),
+                                 self._put(np.int32(-1)), all_greedy=all_greedy)
     jax.block_until_ready(self.cache)
