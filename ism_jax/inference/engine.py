@@ -30,8 +30,8 @@ all engines over equal models (:data:`TRACE_COUNTS` counts traces, :func:`compil
 Serving latency at batch 1 is mostly fixed cost per step (host dispatch, kernel launches), so by default the
 engine serves the model unrolled and with fused projections (:func:`ism_jax.model.unstack_layers`,
 :func:`ism_jax.model.fuse_projections`: the same network, fewer and larger kernels), sends a prefill's
-inputs in one transfer (:func:`pack_chunks`), draws random keys on the device and queues the first token's
-copy to the host behind the step. docs/BENCHMARKS.md has the measurements.
+inputs in one transfer (:func:`pack_chunks`), draws random keys on the device and has the step write the
+first token into host memory itself. docs/BENCHMARKS.md has the measurements.
 """
 
 from __future__ import annotations
