@@ -9,7 +9,6 @@ import pickle
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from ism_jax.convert import load_hf_model, load_hf_tokenizer, save_hf_model
@@ -18,6 +17,7 @@ from ism_jax.data import packing
 from ism_jax.data.dialogue import Message
 from ism_jax.masks import SegmentType, validate_segments
 from ism_jax.training import config as config_lib
+from tests import fitting
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
@@ -38,12 +38,6 @@ def _batch(tokenizer, seq_len=128, rows=3):
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def _loss(model, batch):
-  logits = model(batch["tokens"], batch["segment_types"], batch["segment_ids"], batch["positions"])
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.roll(batch["tokens"], -1, axis=1))
-  return jnp.sum(nll * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
-
-
 def test_ism_finetune_from_hf_learns_and_exports(tmp_path):
   directory = os.path.join(FIXTURES, "qwen2")
   _, model = load_hf_model(directory, compute_dtype="float32", attention_impl="xla")
@@ -52,20 +46,7 @@ def test_ism_finetune_from_hf_learns_and_exports(tmp_path):
   answers = int((batch["segment_types"] == SegmentType.ANSWER).sum())
   assert int(batch["segment_ids"].max(axis=1).sum()) == len(DIALOGUES)  # all packed, none truncated
   assert int(batch["loss_mask"].sum()) == answers > 30  # every answer token (and end of turn) is a target
-  graphdef, params = nnx.split(model, nnx.Param)
-  optimizer = optax.adam(5e-3)
-  opt_state = optimizer.init(params)
-
-  @jax.jit
-  def step(params, opt_state):
-    loss, grads = jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p), batch))(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  losses = []
-  for _ in range(10):
-    params, opt_state, loss = step(params, opt_state)
-    losses.append(float(loss))
+  graphdef, params, losses = fitting.fit(model, batch, learning_rate=5e-3, steps=10)
   assert losses[-1] < 0.5 * losses[0], losses
   save_hf_model(nnx.merge(graphdef, params), str(tmp_path), source=directory)
   _, again = load_hf_model(str(tmp_path))

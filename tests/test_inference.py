@@ -22,6 +22,7 @@ from ism_jax.inference import (
 from ism_jax.inference import cache as cache_lib
 from ism_jax.inference import engine as engine_lib
 from ism_jax.inference.sampling import filter_logits
+from tests import fitting
 
 MAX_LEN = 128
 EOT = 3
@@ -104,11 +105,7 @@ def test_scanned_layers_and_a_sharded_engine_give_the_same_answers(model):
   plain = _batch(model, "ism")
   expected = [plain.ask(q, max_new_tokens=[3, 4], return_logits=True).logits for q in queries]
   scanned = Transformer(ModelConfig.tiny(scan_layers=True), rngs=nnx.Rngs(1))
-  layers = [nnx.state(block, nnx.Param) for block in model.blocks]
-  nnx.update(scanned.blocks, jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
-  for name in ("embed", "lm_head"):
-    getattr(scanned, name)[...] = getattr(model, name)[...]
-  nnx.update(scanned.final_norm, nnx.state(model.final_norm))
+  fitting.stack_layers(model, scanned)
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   sharded = sharding.create_sharded(lambda: Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(1)), mesh)
   nnx.update(sharded, jax.device_put(nnx.state(model), sharding.state_shardings(nnx.state(sharded), mesh)))

@@ -3,14 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from ism_jax import ModelConfig, SegmentType, Transformer, make_attention_ranges, sharding
 from ism_jax.masks import MaskRanges
 from ism_jax.model import init_cache
-from tests import layouts
+from tests import fitting, layouts
 
 
 def _dialogue(rng, rounds: int, vocab: int = 64):
@@ -52,13 +51,6 @@ def test_appending_rounds_keeps_earlier_logits_only_for_ism_and_causal(tiny_mode
     assert diff > 1e-3, diff
 
 
-def _loss(model, batch):
-  logits = model(batch["tokens"], batch["segment_types"], batch["segment_ids"], batch["positions"])
-  targets = jnp.roll(batch["tokens"], -1, axis=1)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  return jnp.sum(nll * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
-
-
 def _with_answer_loss(batch):
   types, ids = batch["segment_types"], batch["segment_ids"]
   next_is_answer = np.roll(types, -1, axis=1) == SegmentType.ANSWER
@@ -70,44 +62,20 @@ def _with_answer_loss(batch):
 
 def test_loss_decreases_on_tiny_overfit_batch(packed_batch):
   model = Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(1))
-  batch = _with_answer_loss(packed_batch)
-  graphdef, params = nnx.split(model, nnx.Param)
-  optimizer = optax.adam(1e-2)
-  opt_state = optimizer.init(params)
-
-  @jax.jit
-  def step(params, opt_state):
-    loss, grads = jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p), batch))(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  losses = []
-  for _ in range(40):
-    params, opt_state, loss = step(params, opt_state)
-    losses.append(float(loss))
+  _, _, losses = fitting.fit(model, _with_answer_loss(packed_batch), learning_rate=1e-2, steps=40)
   assert losses[-1] < 0.3 * losses[0], losses
-
-
-def _stack_blocks(unscanned: Transformer, scanned: Transformer) -> None:
-  """Copies an unscanned model's parameters into a scanned model (layers stacked on axis 0)."""
-  layers = [nnx.state(block, nnx.Param) for block in unscanned.blocks]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-  nnx.update(scanned.blocks, stacked)
-  for name in ("embed", "lm_head"):
-    getattr(scanned, name)[...] = getattr(unscanned, name)[...]
-  nnx.update(scanned.final_norm, nnx.state(unscanned.final_norm))
 
 
 @pytest.mark.parametrize("remat_policy", ["none", "full"])
 def test_scanned_layers_give_the_same_logits(tiny_model, packed_batch, remat_policy):
   scanned = Transformer(ModelConfig.tiny(scan_layers=True, remat_policy=remat_policy), rngs=nnx.Rngs(99))
-  _stack_blocks(tiny_model, scanned)
+  fitting.stack_layers(tiny_model, scanned)
   batch = _with_answer_loss(packed_batch)
   np.testing.assert_allclose(scanned(batch["tokens"], batch["segment_types"], batch["segment_ids"]),
                              tiny_model(batch["tokens"], batch["segment_types"], batch["segment_ids"]),
                              atol=1e-5)
-  grads_scanned = nnx.grad(_loss)(scanned, batch)
-  grads_plain = nnx.grad(_loss)(tiny_model, batch)
+  grads_scanned = nnx.grad(fitting.answer_loss)(scanned, batch)
+  grads_plain = nnx.grad(fitting.answer_loss)(tiny_model, batch)
   np.testing.assert_allclose(grads_scanned["blocks"]["mlp"]["up_proj"][...][1],
                              grads_plain["blocks"][1]["mlp"]["up_proj"][...], atol=1e-5)
 
@@ -143,14 +111,14 @@ def test_sharded_on_8_devices_matches_one_device(packed_batch):
   batch = layouts.random_packed_batch(np.random.default_rng(5), batch=8, length=32)
   batch = _with_answer_loss(batch)
   reference = Transformer(config, rngs=nnx.Rngs(3))
-  expected_loss = _loss(reference, batch)
+  expected_loss = fitting.answer_loss(reference, batch)
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   model = sharding.create_sharded(lambda: Transformer(config, rngs=nnx.Rngs(3)), mesh)
   assert model.blocks[0].mlp.up_proj[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   graphdef, state = nnx.split(model)
   with jax.set_mesh(mesh):
     sharded = jax.device_put(batch, sharding.batch_sharding(mesh))
-    loss = jax.jit(lambda s, b: _loss(nnx.merge(graphdef, s), b))(state, sharded)
+    loss = jax.jit(lambda s, b: fitting.answer_loss(nnx.merge(graphdef, s), b))(state, sharded)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
 
 
