@@ -43,16 +43,6 @@ _WAVE_CTAS = 132
 _MIN_SPLIT_TILES = 2  # key tiles per split at least, so a CTA's fixed cost stays small against its work
 
 
-def _check(q_BTHD, k_BSKD, v_BSKD, ranges: MaskRanges) -> None:
-  if q_BTHD.shape[1] != k_BSKD.shape[1] or k_BSKD.shape != v_BSKD.shape:
-    raise ValueError(f"pallas_gpu attention needs equal query and key lengths and k, v of one shape; got q "
-                     f"{q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKD.shape}")
-  if q_BTHD.shape[2] % k_BSKD.shape[2]:
-    raise ValueError(f"{q_BTHD.shape[2]} query heads are not a multiple of {k_BSKD.shape[2]} KV heads")
-  if ranges.q_lo is None or ranges.q_hi is None:
-    raise ValueError("pallas_gpu attention needs the per-key ranges q_lo, q_hi (make_attention_ranges)")
-
-
 def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: MaskRanges, *,
               scale: float | None = None, tuning: GpuTuning = GpuTuning(),
               interpret: bool = False) -> jax.Array:
@@ -69,7 +59,7 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: M
   Returns:
     ``[B, T, H, D]`` in ``q``'s dtype.
   """
-  _check(q_BTHD, k_BSKD, v_BSKD, ranges)
+  tiles.check_kernel_inputs("pallas_gpu", q_BTHD, k_BSKD, v_BSKD, ranges)
   batch, length, heads, head_dim = q_BTHD.shape
   scale = head_dim ** -0.5 if scale is None else float(scale)
   out_dtype = q_BTHD.dtype
@@ -132,8 +122,7 @@ def _check_forward_only(q_BTHD, k_BSKD, v_BSKD, ranges: MaskRanges) -> None:
       or q_BTHD.shape[0] != k_BSKD.shape[0] or q_BTHD.shape[3] != k_BSKD.shape[3]):
     raise ValueError(f"pallas_gpu attention_forward needs q [B, T, H, D] and k, v [B, S, K, D] of one shape; "
                      f"got q {q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKD.shape}")
-  if q_BTHD.shape[2] % k_BSKD.shape[2]:
-    raise ValueError(f"{q_BTHD.shape[2]} query heads are not a multiple of {k_BSKD.shape[2]} KV heads")
+  tiles.check_head_groups(q_BTHD, k_BSKD)
   if ranges.k_lo.shape != q_BTHD.shape[:2] or ranges.k_hi.shape != q_BTHD.shape[:2]:
     raise ValueError(f"ranges.k_lo and k_hi must have shape {q_BTHD.shape[:2]}, got {ranges.k_lo.shape} "
                      f"and {ranges.k_hi.shape}")

@@ -50,13 +50,7 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: M
   Returns:
     ``[B, T, H, D]`` in ``q``'s dtype.
   """
-  if q_BTHD.shape[1] != k_BSKD.shape[1] or k_BSKD.shape != v_BSKD.shape:
-    raise ValueError(f"pallas_tpu attention needs equal query and key lengths and k, v of one shape; got "
-                     f"q {q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKD.shape}")
-  if q_BTHD.shape[2] % k_BSKD.shape[2]:
-    raise ValueError(f"{q_BTHD.shape[2]} query heads are not a multiple of {k_BSKD.shape[2]} KV heads")
-  if ranges.q_lo is None or ranges.q_hi is None:
-    raise ValueError("pallas_tpu attention needs the per-key ranges q_lo, q_hi (make_attention_ranges)")
+  tiles.check_kernel_inputs("pallas_tpu", q_BTHD, k_BSKD, v_BSKD, ranges)
   length, head_dim = q_BTHD.shape[1], q_BTHD.shape[3]
   scale = head_dim ** -0.5 if scale is None else float(scale)
   multiple = _row_multiple(tuning)

@@ -36,6 +36,23 @@ from ism_jax.masks import MaskRanges
 START, FULL_START, FULL_END, END = 0, 1, 2, 3
 
 
+def check_kernel_inputs(kernel: str, q_BTHD, k_BSKD, v_BSKD, ranges: MaskRanges) -> None:
+  """The differentiable kernels' contract (``kernel`` names the caller in the errors): equal query and key
+  lengths, ``k`` and ``v`` of one shape, whole query groups per KV head, all four ranges."""
+  if q_BTHD.shape[1] != k_BSKD.shape[1] or k_BSKD.shape != v_BSKD.shape:
+    raise ValueError(f"{kernel} attention needs equal query and key lengths and k, v of one shape; got q "
+                     f"{q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKD.shape}")
+  check_head_groups(q_BTHD, k_BSKD)
+  if ranges.q_lo is None or ranges.q_hi is None:
+    raise ValueError(f"{kernel} attention needs the per-key ranges q_lo, q_hi (make_attention_ranges)")
+
+
+def check_head_groups(q_BTHD, k_BSKD) -> None:
+  """Every KV head serves the same number of query heads."""
+  if q_BTHD.shape[2] % k_BSKD.shape[2]:
+    raise ValueError(f"{q_BTHD.shape[2]} query heads are not a multiple of {k_BSKD.shape[2]} KV heads")
+
+
 def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
   """``x`` zero-padded at the end of ``axis`` to ``size`` (unchanged when already that long)."""
   pad = size - x.shape[axis]
