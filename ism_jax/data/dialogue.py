@@ -119,6 +119,20 @@ def _text_content(value: Any, where: str, field: str) -> str:
                         f"{type(value).__name__}")
 
 
+def _record_list(record: Any, where: str, field: str, format_hint: str) -> list:
+  """``record[field]``, checked to be a list inside a JSON object; errors name ``where`` and the format."""
+  if not isinstance(record, dict):
+    raise DataFormatError(f"{where}: expected a JSON object with a \"{field}\" list, got "
+                          f"{type(record).__name__}")
+  if field not in record:
+    raise DataFormatError(f"{where}: missing field \"{field}\" (fields present: {sorted(record)}); "
+                          f"{format_hint}")
+  items = record[field]
+  if not isinstance(items, list):
+    raise DataFormatError(f"{where}: \"{field}\" must be a list, got {type(items).__name__}")
+  return items
+
+
 def parse_openai_record(record: Any, where: str = "record") -> list[Message]:
   """Parses ``{"messages": [{"role": ..., "content": ...}, ...]}`` (OpenAI chat fine-tuning format).
 
@@ -129,15 +143,8 @@ def parse_openai_record(record: Any, where: str = "record") -> list[Message]:
     record: the decoded JSON value of one line.
     where: the place to name in errors, e.g. ``"chats.jsonl:12"``.
   """
-  if not isinstance(record, dict):
-    raise DataFormatError(f"{where}: expected a JSON object with a \"messages\" list, got "
-                          f"{type(record).__name__}")
-  if "messages" not in record:
-    raise DataFormatError(f"{where}: missing field \"messages\" (fields present: {sorted(record)}); "
-                          "OpenAI format is {\"messages\": [{\"role\": ..., \"content\": ...}]}")
-  items = record["messages"]
-  if not isinstance(items, list):
-    raise DataFormatError(f"{where}: \"messages\" must be a list, got {type(items).__name__}")
+  items = _record_list(record, where, "messages",
+                       "OpenAI format is {\"messages\": [{\"role\": ..., \"content\": ...}]}")
   messages = []
   for i, item in enumerate(items):
     field = f"messages[{i}]"
@@ -167,15 +174,8 @@ def parse_sharegpt_record(record: Any, where: str = "record") -> list[Message]:
   ``system``, ``tool``/``observation``/``function_response`` (tool side) or ``function_call`` (assistant).
   A top-level ``"system"`` string, when present, becomes a leading system message.
   """
-  if not isinstance(record, dict):
-    raise DataFormatError(f"{where}: expected a JSON object with a \"conversations\" list, got "
-                          f"{type(record).__name__}")
-  if "conversations" not in record:
-    raise DataFormatError(f"{where}: missing field \"conversations\" (fields present: {sorted(record)}); "
-                          "ShareGPT format is {\"conversations\": [{\"from\": ..., \"value\": ...}]}")
-  items = record["conversations"]
-  if not isinstance(items, list):
-    raise DataFormatError(f"{where}: \"conversations\" must be a list, got {type(items).__name__}")
+  items = _record_list(record, where, "conversations",
+                       "ShareGPT format is {\"conversations\": [{\"from\": ..., \"value\": ...}]}")
   messages = []
   system = record.get("system")
   if system is not None:
