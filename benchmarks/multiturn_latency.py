@@ -38,7 +38,7 @@ from flax import nnx
 from ism_jax.attention import attention
 from ism_jax.attention.xla import dense_attention
 from ism_jax.inference.dialogues import DialogueBatch
-from ism_jax.inference.engine import Engine, chunk_ranges, compiled_counts, pack_chunks
+from ism_jax.inference.engine import DEFAULT_DECODE_STEPS, Engine, chunk_ranges, compiled_counts, pack_chunks
 from ism_jax.masks import MaskRanges, SegmentType, make_attention_ranges
 from ism_jax.model import ModelConfig, Transformer
 
@@ -133,7 +133,8 @@ def probe(args) -> None:
   config = model_config(args)
   start = time.perf_counter()
   engine = Engine(build_model(config), batch_size=1, max_len=8192, min_bucket=args.min_bucket,
-                  bucket_step=args.bucket_step or None, unroll_layers=args.layers == "unrolled")
+                  bucket_step=args.bucket_step or None, unroll_layers=args.layers == "unrolled",
+                  decode_steps=args.decode_steps)
   dialogues = DialogueBatch(engine, kind="ism", eot_id=None)
   rng = np.random.default_rng(0)
   tokens = lambda n: rng.integers(8, config.vocab_size, size=n)
@@ -184,7 +185,8 @@ def probe(args) -> None:
   names = ("queued", "step alone: dispatch", "step alone: first token on host")
   summary += "".join(f", prefill 200 at slot 4001 {name}: {1e3 * statistics.median(q[i] for q in queued):.2f}"
                      for i, name in enumerate(names))
-  print(f"probe layers={args.layers} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} attention="
+  print(f"probe layers={args.layers} decode_steps={args.decode_steps} "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} attention="
         f"{config.attention_impl} (engine + compiles {compiled:.0f}s, total "
         f"{time.perf_counter() - start:.0f}s) [ms]: {summary}", flush=True)
 
@@ -248,7 +250,8 @@ def run(args) -> dict:
   start = time.perf_counter()
   model = build_model(config)
   engine = Engine(model, batch_size=1, max_len=max_len, min_bucket=args.min_bucket,
-                  bucket_step=args.bucket_step or None, unroll_layers=args.layers == "unrolled")
+                  bucket_step=args.bucket_step or None, unroll_layers=args.layers == "unrolled",
+                  decode_steps=args.decode_steps)
   sessions = {kind: DialogueBatch(engine, kind=kind, eot_id=None) for kind in args.kinds}
   print(f"dialogue: {args.rounds} rounds, {dialogue.num_tokens} tokens; cache {max_len} slots; model built "
         f"in {time.perf_counter() - start:.1f}s")
@@ -348,6 +351,8 @@ def parse_args(argv=None):
   parser.add_argument("--attention_impl", default="auto", help="attention of every step (GPU only)")
   parser.add_argument("--layers", choices=("scan", "unrolled"), default="unrolled",
                       help="serve the (scanned) model's layers unrolled (the engine's default) or scanned")
+  parser.add_argument("--decode_steps", type=int, default=DEFAULT_DECODE_STEPS,
+                      help="decode steps per device call (engine option)")
   parser.add_argument("--probe", action="store_true", help="only time a few steps (compare settings)")
   parser.add_argument("--attention_probe", action="store_true",
                       help="only time attention alone: dense xla vs the forward-only kernel (GPU)")

@@ -52,9 +52,10 @@ def full_forward(model):
   return run
 
 
-def _batch(model, kind, eot_id=EOT):
+def _batch(model, kind, eot_id=EOT, **engine_options):
   """Two rows: every test uses the same engine shapes, so compiled steps are shared."""
-  return DialogueBatch(Engine(model, batch_size=2, max_len=MAX_LEN), kind=kind, eot_id=eot_id)
+  engine = Engine(model, batch_size=2, max_len=MAX_LEN, **engine_options)
+  return DialogueBatch(engine, kind=kind, eot_id=eot_id)
 
 
 def _answer_logits_error(dialogues, result, row, full_forward) -> float:
@@ -78,9 +79,10 @@ def _random_query(rng, low=2, high=14):
 @pytest.mark.parametrize("kind", ["ism", "causal", "prefix"])
 def test_round_by_round_logits_equal_the_full_forward_pass(model, full_forward, kind):
   """Two sessions of different lengths, four rounds, one row skipping a round: every answer token's logits
-  match the full-sequence forward pass over the dialogue so far (float32, 1e-5)."""
+  match the full-sequence forward pass over the dialogue so far (float32, 1e-5). Three decode steps per
+  call: the answers take one and two calls, so a row stops inside a call while the other goes on."""
   rng = np.random.default_rng(1)
-  dialogues = _batch(model, kind)
+  dialogues = _batch(model, kind, decode_steps=3)
   for round_index in range(4):
     queries = [_random_query(rng), _random_query(rng)]
     if round_index == 2:
@@ -215,7 +217,8 @@ def test_no_recompilation_across_tokens_rounds_and_sampling_settings(model):
   assert all(traces[name] - before.get(name, 0) <= 1 for name in traces)
   for greedy in (True, False):
     assert {engine_lib.prefill_name(*shape, all_greedy=greedy) for shape in shapes} <= set(traces)
-  assert {"decode", "decode[sampled]"} <= set(traces)
+  steps = dialogues.engine.decode_steps
+  assert {engine_lib.decode_name(steps), engine_lib.decode_name(steps, all_greedy=False)} <= set(traces)
   settings = [SamplingParams(), SamplingParams(temperature=0.8, top_k=5), SamplingParams(0.5, top_p=0.9)]
   for round_index in range(7):  # the dialogues grow through every key window
     dialogues.ask([_random_query(rng, 4, 10), _random_query(rng, 4, 10)], max_new_tokens=[6, 2],

@@ -9,10 +9,12 @@ slots per row. Row ``b`` uses slots ``[0, fill[b])``; slot = position in the dia
    ``[0, end of its query block)``, an ANSWER token ``[0, own slot + 1)`` (types already relabelled for the
    mask kind by the caller). The logits of each row's last chunk token give the first answer token. With
    ``restart`` a row is rewritten from slot 0 (the ``prefix`` baseline).
-2. **Decode**: one jitted step of fixed shape ``[B, 1]`` feeds every row's last token, attends over the
-   whole cache with ranges ``[0, slot + 1)``, samples the next token, and stops a row on end of turn or its
-   token budget (finished rows keep their fill; their writes land past it). The host reads the ``done``
-   flags a few steps behind the device, so the device never waits on the host.
+2. **Decode**: one jitted program of fixed shapes runs up to ``decode_steps`` steps in a loop on the device
+   (one host call per ``decode_steps`` tokens, not per token). Each step feeds every row's last token
+   (``[B, 1]``), attends over the whole cache with ranges ``[0, slot + 1)``, samples the next token, and
+   stops a row on end of turn or its token budget (finished rows keep their fill; their writes land past
+   it); the loop ends when every row is done. The host reads the ``done`` flags one call behind the device,
+   so the device never waits on the host.
 
 Shapes are bucketed so that few programs are compiled: a chunk is padded to ``T``, the next bucket length
 (powers of two, then multiples of ``bucket_step``; see :func:`bucket_lengths`); padding is never seen, and
@@ -23,8 +25,8 @@ decode step have per-query ranges: on GPU they run the kernel's forward-only pat
 slots below each row's ``k_hi`` and shares them out among its key splits (:mod:`ism_jax.attention`), so they
 take the whole cache (``W = max_len``); the dense XLA path pays for every key it is given, so there ``W`` is
 the bucket length at or above the furthest slot any row's chunk reaches and an early round does not pay for
-the empty end of the cache. Compiled programs: one decode step, and one prefill per ``(T, W)`` pair, shared by
-all engines over equal models (:data:`TRACE_COUNTS` counts traces, :func:`compiled_counts` executables;
+the empty end of the cache. Compiled programs: one decode program, and one prefill per ``(T, W)`` pair, shared
+by all engines over equal models (:data:`TRACE_COUNTS` counts traces, :func:`compiled_counts` executables;
 :meth:`Engine.warmup` compiles them ahead). The cache buffer is donated to every step: updates are in place.
 
 Serving latency at batch 1 is mostly fixed cost per step (host dispatch, kernel launches), so by default the
@@ -56,7 +58,7 @@ from ism_jax.model import fuse_projections as _fuse
 
 DEFAULT_MIN_BUCKET = 32
 DEFAULT_BUCKET_STEP = 1024
-_DONE_LAG = 2  # the host checks the done flags of the step this many steps behind the newest
+DEFAULT_DECODE_STEPS = 8
 
 
 class CacheFullError(ValueError):
@@ -141,19 +143,43 @@ def _prefill_step(model: Transformer, cache, chunks_BX, key, sampling, *, window
   return cache, first_B, first_on_host_B, logits_B1V[:, 0], key
 
 
-def _decode_step(model: Transformer, cache, token_B, fill_B, remaining_B, done_B, key, sampling, eot_id, *,
-                 all_greedy):
-  """Feeds ``token_B`` at slots ``fill_B``; returns the cache and the next tokens, fill, budget, flags."""
-  TRACE_COUNTS["decode" if all_greedy else "decode[sampled]"] += 1
-  key, draw_key = jax.random.split(key)
-  ranges = MaskRanges(k_lo=jnp.zeros_like(fill_B)[:, None], k_hi=fill_B[:, None] + 1)
-  logits_B1V, cache = model.forward(token_B[:, None], fill_B[:, None], ranges, cache, fill_B)
-  active_B = ~done_B
-  next_B = jnp.where(active_B, _next_tokens(logits_B1V[:, 0], draw_key, sampling, all_greedy), 0)
-  fill_B = fill_B + active_B
-  remaining_B = remaining_B - active_B
-  done_B = done_B | (next_B == eot_id) | (remaining_B <= 0)
-  return cache, next_B, fill_B, remaining_B, done_B, key, logits_B1V[:, 0]
+def _decode_steps(model: Transformer, cache, token_B, fill_B, remaining_B, done_B, key, sampling, eot_id, *,
+                  steps: int, all_greedy: bool, keep_logits: bool):
+  """Up to ``steps`` decode steps in one call: a loop on the device that stops once every row is done.
+
+  Each step feeds ``token_B`` at slots ``fill_B`` (attending to ``[0, fill + 1)``), samples the next tokens,
+  and advances the rows that are not done; a row is done after it emits ``eot_id`` or spends its budget
+  ``remaining_B``. Done rows emit 0 and keep their fill (their cache writes land past it).
+
+  Returns:
+    ``(cache, tokens_BN, token_B, fill_B, remaining_B, done_B, key, logits_BNV)``: ``tokens_BN``
+    ``[B, steps]`` the tokens of each step (0 for done rows and for steps not run), ``token_B`` the token to
+    feed next, the updated state, and with ``keep_logits`` the logits ``[B, steps, V]`` each token was drawn
+    from (else ``None``).
+  """
+  TRACE_COUNTS[decode_name(steps, all_greedy, keep_logits)] += 1
+  batch = token_B.shape[0]
+
+  def step(i, carry):
+    cache, token_B, fill_B, remaining_B, done_B, key, tokens_BN, logits_BNV = carry
+    key, draw_key = jax.random.split(key)
+    ranges = MaskRanges(k_lo=jnp.zeros_like(fill_B)[:, None], k_hi=fill_B[:, None] + 1)
+    logits_B1V, cache = model.forward(token_B[:, None], fill_B[:, None], ranges, cache, fill_B)
+    active_B = ~done_B
+    next_B = jnp.where(active_B, _next_tokens(logits_B1V[:, 0], draw_key, sampling, all_greedy), 0)
+    fill_B = fill_B + active_B
+    remaining_B = remaining_B - active_B
+    done_B = done_B | (next_B == eot_id) | (remaining_B <= 0)
+    tokens_BN = jax.lax.dynamic_update_slice(tokens_BN, next_B[:, None], (0, i))
+    if keep_logits:
+      logits_BNV = jax.lax.dynamic_update_slice(logits_BNV, logits_B1V.astype(logits_BNV.dtype), (0, i, 0))
+    return cache, next_B, fill_B, remaining_B, done_B, key, tokens_BN, logits_BNV
+
+  logits_BNV = jnp.zeros((batch, steps, model.config.vocab_size), jnp.float32) if keep_logits else None
+  tokens_BN = jnp.zeros((batch, steps), jnp.int32)
+  carry = (cache, token_B, fill_B, remaining_B, done_B, key, tokens_BN, logits_BNV)
+  cache, token_B, fill_B, remaining_B, done_B, key, tokens_BN, logits_BNV = jax.lax.fori_loop(0, steps, step, carry)
+  return cache, tokens_BN, token_B, fill_B, remaining_B, done_B, key, logits_BNV
 
 
 # The jitted steps of each model structure; engines over equal models share them (and their executables).
@@ -166,10 +192,10 @@ def _jitted_steps(graphdef, treedef):
   if key not in _JITTED_STEPS:
     model = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     prefill = lambda leaves, *args, **kwargs: _prefill_step(model(leaves), *args, **kwargs)
-    decode = lambda leaves, *args, **kwargs: _decode_step(model(leaves), *args, **kwargs)
+    decode = lambda leaves, *args, **kwargs: _decode_steps(model(leaves), *args, **kwargs)
     _JITTED_STEPS[key] = (
         jax.jit(prefill, static_argnames=("window", "from_start", "all_greedy"), donate_argnums=1),
-        jax.jit(decode, static_argnames=("all_greedy",), donate_argnums=1),
+        jax.jit(decode, static_argnames=("steps", "all_greedy", "keep_logits"), donate_argnums=1),
     )
   return _JITTED_STEPS[key]
 
@@ -178,6 +204,11 @@ def prefill_name(length: int, window: int, from_start: bool, all_greedy: bool = 
   """The :data:`TRACE_COUNTS` key of a prefill program, e.g. ``"prefill[T=32,W=128]"``."""
   flags = (",from_start" if from_start else "") + ("" if all_greedy else ",sampled")
   return f"prefill[T={length},W={window}{flags}]"
+
+
+def decode_name(steps: int, all_greedy: bool = True, keep_logits: bool = False) -> str:
+  """The :data:`TRACE_COUNTS` key of a decode program, e.g. ``"decode[N=8]"``."""
+  return f"decode[N={steps}" + ("" if all_greedy else ",sampled") + (",logits" if keep_logits else "") + "]"
 
 
 def compiled_counts() -> dict[str, int]:
@@ -241,15 +272,21 @@ class Engine:
     fuse_projections: serve with q/k/v and gate/up weights concatenated (:func:`~ism_jax.model.
       fuse_projections`: the same network in fewer, larger matmuls). Both copy the parameters: the engine
       keeps its own, so drop the model after building the engine to hold them once.
+    decode_steps: decode steps per device call, run in a loop on the device that stops when every row is
+      done. At batch 1 a step costs more to launch from the host than to run, so a call per token leaves
+      the GPU idle; a larger value only delays when the host sees the tokens.
     seed: seed of the sampling key.
   """
 
   def __init__(self, model: Transformer, *, batch_size: int = 1, max_len: int = 2048,
                mesh: Mesh | None = None, min_bucket: int = DEFAULT_MIN_BUCKET,
                bucket_step: int | None = DEFAULT_BUCKET_STEP, cast_params: bool = True,
-               unroll_layers: bool = True, fuse_projections: bool = True, seed: int = 0):
+               unroll_layers: bool = True, fuse_projections: bool = True,
+               decode_steps: int = DEFAULT_DECODE_STEPS, seed: int = 0):
     if max_len < 2:
       raise ValueError(f"max_len={max_len}: the cache needs at least 2 slots")
+    if decode_steps < 1:
+      raise ValueError(f"decode_steps={decode_steps} must be >= 1")
     if unroll_layers:
       model = unstack_layers(model)
     if fuse_projections:
@@ -257,6 +294,7 @@ class Engine:
     self.config = model.config
     self.batch_size = batch_size
     self.max_len = max_len
+    self.decode_steps = decode_steps
     self.mesh = mesh
     self.buckets = bucket_lengths(max_len, min_bucket, bucket_step)  # chunk lengths T and key windows W
     # Dense attention pays for every key it is given, so a cached prefill gets a window of the cache; the
@@ -387,15 +425,17 @@ class Engine:
     fill = np.where(active, starts + lengths, self._fill)
     remaining = np.where(active, budgets - 1, 0)
     done = ~active | (first == eot) | (remaining <= 0)
-    steps, step_logits = self._decode_loop(first_B, fill, remaining, done, sampling_arrays, all_greedy, eot,
-                                           return_logits)
-    if steps:
-      self._fill, remaining = np.asarray(steps[-1][1]).astype(np.int64), np.asarray(steps[-1][2])
-      tokens = np.concatenate([first[:, None], np.asarray(jnp.stack([s[0] for s in steps], axis=1))], axis=1)
+    calls = self._decode_loop(first_B, fill, remaining, done, sampling_arrays, all_greedy, eot, return_logits)
+    if calls:
+      self._fill, remaining = np.asarray(calls[-1][1]).astype(np.int64), np.asarray(calls[-1][2])
+      tokens = np.concatenate([first[:, None]] + [np.asarray(c[0]) for c in calls], axis=1)
     else:
       self._fill, tokens = fill, first[:, None]
     decode_time = time.perf_counter() - start_time - ttft
-    logits = np.asarray(jnp.stack([first_logits_BV] + step_logits, axis=1)) if return_logits else None
+    logits = None
+    if return_logits:
+      logits = np.concatenate([np.asarray(first_logits_BV)[:, None]] + [np.asarray(c[4]) for c in calls],
+                              axis=1)
 
     out = Generation(answers=[None] * self.batch_size, stop_reasons=[None] * self.batch_size,
                      logits=[None] * self.batch_size if return_logits else None, ttft_s=ttft,
@@ -429,23 +469,25 @@ class Engine:
     return first_B, first_on_host_B, logits_BV
 
   def _decode_loop(self, token_B, fill, remaining, done, sampling, all_greedy, eot, return_logits):
-    """Runs decode steps until every row is done; the host reads ``done`` ``_DONE_LAG`` steps behind."""
-    steps, logits = [], []
+    """Runs decode calls (``decode_steps`` steps each) until every row is done; the host reads the ``done``
+    flags one call behind, so the next call is queued before it waits.
+
+    Returns per call ``(tokens_BN, fill_B, remaining_B, done_B, logits_BNV)`` (device arrays).
+    """
+    calls = []
     if done.all():
-      return steps, logits
+      return calls
     fill_B, remaining_B, done_B = self._put((fill.astype(np.int32), remaining.astype(np.int32), done))
     sampling, eot_id = self._put((sampling, np.int32(eot)))  # moved to the device once
-    for i in range(int(remaining.max())):
-      self.cache, token_B, fill_B, remaining_B, done_B, self._key, logits_BV = self._run(
+    for i in range(-(-int(remaining.max()) // self.decode_steps)):
+      self.cache, tokens_BN, token_B, fill_B, remaining_B, done_B, self._key, logits_BNV = self._run(
           self._decode_fn, self.cache, token_B, fill_B, remaining_B, done_B, self._key, sampling, eot_id,
-          all_greedy=all_greedy)
+          steps=self.decode_steps, all_greedy=all_greedy, keep_logits=return_logits)
       done_B.copy_to_host_async()
-      steps.append((token_B, fill_B, remaining_B, done_B))
-      if return_logits:
-        logits.append(logits_BV)
-      if i >= _DONE_LAG and np.asarray(steps[i - _DONE_LAG][3]).all():
+      calls.append((tokens_BN, fill_B, remaining_B, done_B, logits_BNV))
+      if i >= 1 and np.asarray(calls[i - 1][3]).all():
         break
-    return steps, logits
+    return calls
 
   def prefill_window(self, padded: int, reach: int, from_start: bool) -> int:
     """The key window ``W`` of a prefill of chunks padded to ``padded`` that write up to slot ``reach``."""
@@ -464,7 +506,7 @@ class Engine:
 
   def warmup(self, shapes: Sequence[tuple[int, int, bool]] | None = None, chunk_lengths: Sequence[int] = (),
              modes: Sequence[str] = ("greedy", "sampled")) -> None:
-    """Compiles the decode step and the prefill programs ``shapes`` (default: :meth:`prefill_shapes` of
+    """Compiles the decode program and the prefill programs ``shapes`` (default: :meth:`prefill_shapes` of
     ``chunk_lengths``), for each sampling mode in ``modes`` (``"greedy"``: every row has temperature 0).
 
     Runs them on rows without chunks, so no row's cache or fill changes.
@@ -479,5 +521,6 @@ class Engine:
                                    from_start=from_start, all_greedy=all_greedy)
       inputs = self._put((none_B, self._fill.astype(np.int32), none_B, np.ones(self.batch_size, bool)))
       self.cache, *_ = self._run(self._decode_fn, self.cache, *inputs, self._key, self._put(sampling),
-                                 self._put(np.int32(-1)), all_greedy=all_greedy)
+                                 self._put(np.int32(-1)), steps=self.decode_steps, all_greedy=all_greedy,
+                                 keep_logits=False)
     jax.block_until_ready(self.cache)
