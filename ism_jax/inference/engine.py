@@ -272,9 +272,12 @@ class Engine:
     fuse_projections: serve with q/k/v and gate/up weights concatenated (:func:`~ism_jax.model.
       fuse_projections`: the same network in fewer, larger matmuls). Both copy the parameters: the engine
       keeps its own, so drop the model after building the engine to hold them once.
-    decode_steps: decode steps per device call, run in a loop on the device that stops when every row is
-      done. At batch 1 a step costs more to launch from the host than to run, so a call per token leaves
-      the GPU idle; a larger value only delays when the host sees the tokens.
+    decode_steps: decode steps per device call (a fixed-length loop on the device). At batch 1 a step costs
+      about as much to launch from the host as to run, so one call per token leaves the GPU waiting on
+      Python and dispatch; a loop of steps is launched at once. The price: a call runs all its steps, and
+      the host learns that every row stopped (end of turn) one call late, so an answer that ends on end of
+      turn costs up to ``2 * decode_steps - 1`` extra steps of device work (none when it ends on its budget
+      beyond the rest of its last call). 1: one call per token.
     seed: seed of the sampling key.
   """
 
