@@ -346,7 +346,7 @@ def parse_args(argv=None):
   parser.add_argument("--rounds", type=int, default=16)
   parser.add_argument("--query_len", type=int, nargs=2, default=(64, 256), help="min and max query tokens")
   parser.add_argument("--answer_len", type=int, nargs=2, default=(64, 256), help="min and max answer tokens")
-  parser.add_argument("--repeats", type=int, default=7, help="timed passes per kind (median reported)")
+  parser.add_argument("--repeats", type=int, default=11, help="timed passes per kind (median reported)")
   parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
   parser.add_argument("--attention_impl", default="auto", help="attention of every step (GPU only)")
   parser.add_argument("--layers", choices=("scan", "unrolled"), default="unrolled",

@@ -145,17 +145,18 @@ def _prefill_step(model: Transformer, cache, chunks_BX, key, sampling, *, window
 
 def _decode_steps(model: Transformer, cache, token_B, fill_B, remaining_B, done_B, key, sampling, eot_id, *,
                   steps: int, all_greedy: bool, keep_logits: bool):
-  """Up to ``steps`` decode steps in one call: a loop on the device that stops once every row is done.
+  """``steps`` decode steps in one call: a loop of fixed length on the device (launched from the host once).
 
   Each step feeds ``token_B`` at slots ``fill_B`` (attending to ``[0, fill + 1)``), samples the next tokens,
   and advances the rows that are not done; a row is done after it emits ``eot_id`` or spends its budget
-  ``remaining_B``. Done rows emit 0 and keep their fill (their cache writes land past it).
+  ``remaining_B``. Done rows emit 0 and keep their fill (their cache writes land past it) for the rest of the
+  loop.
 
   Returns:
     ``(cache, tokens_BN, token_B, fill_B, remaining_B, done_B, key, logits_BNV)``: ``tokens_BN``
-    ``[B, steps]`` the tokens of each step (0 for done rows and for steps not run), ``token_B`` the token to
-    feed next, the updated state, and with ``keep_logits`` the logits ``[B, steps, V]`` each token was drawn
-    from (else ``None``).
+    ``[B, steps]`` the tokens of each step (0 once a row is done), ``token_B`` the token to feed next, the
+    updated state, and with ``keep_logits`` the logits ``[B, steps, V]`` each token was drawn from (else
+    ``None``).
   """
   TRACE_COUNTS[decode_name(steps, all_greedy, keep_logits)] += 1
   batch = token_B.shape[0]
@@ -177,8 +178,9 @@ def _decode_steps(model: Transformer, cache, token_B, fill_B, remaining_B, done_
 
   logits_BNV = jnp.zeros((batch, steps, model.config.vocab_size), jnp.float32) if keep_logits else None
   tokens_BN = jnp.zeros((batch, steps), jnp.int32)
-  carry = (cache, token_B, fill_B, remaining_B, done_B, key, tokens_BN, logits_BNV)
-  cache, token_B, fill_B, remaining_B, done_B, key, tokens_BN, logits_BNV = jax.lax.fori_loop(0, steps, step, carry)
+  carry = jax.lax.fori_loop(0, steps, step, (cache, token_B, fill_B, remaining_B, done_B, key, tokens_BN,
+                                             logits_BNV))
+  cache, token_B, fill_B, remaining_B, done_B, key, tokens_BN, logits_BNV = carry
   return cache, tokens_BN, token_B, fill_B, remaining_B, done_B, key, logits_BNV
 
 
