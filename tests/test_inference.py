@@ -234,6 +234,13 @@ def test_buckets():
   assert bucket_lengths(100, min_bucket=32) == (32, 64, 100)
 
 
+def test_engine_settings_are_checked(model):
+  with pytest.raises(ValueError, match="decode_steps=0 must be >= 1"):
+    Engine(model, max_len=MAX_LEN, decode_steps=0)
+  with pytest.raises(ValueError, match="max_len=1"):
+    Engine(model, max_len=1)
+
+
 def test_greedy_is_argmax_and_filters_restrict_the_support():
   logits = jnp.asarray(np.random.default_rng(6).normal(size=(3, 40)) * 3, jnp.float32)
   keys = jax.random.split(jax.random.key(0), 2000)
