@@ -9,12 +9,12 @@ slots per row. Row ``b`` uses slots ``[0, fill[b])``; slot = position in the dia
    ``[0, end of its query block)``, an ANSWER token ``[0, own slot + 1)`` (types already relabelled for the
    mask kind by the caller). The logits of each row's last chunk token give the first answer token. With
    ``restart`` a row is rewritten from slot 0 (the ``prefix`` baseline).
-2. **Decode**: one jitted program of fixed shapes runs up to ``decode_steps`` steps in a loop on the device
-   (one host call per ``decode_steps`` tokens, not per token). Each step feeds every row's last token
+2. **Decode**: one jitted program of fixed shapes runs ``decode_steps`` steps in a fixed-length loop on the
+   device (one host call per ``decode_steps`` tokens, not per token). Each step feeds every row's last token
    (``[B, 1]``), attends over the whole cache with ranges ``[0, slot + 1)``, samples the next token, and
-   stops a row on end of turn or its token budget (finished rows keep their fill; their writes land past
-   it); the loop ends when every row is done. The host reads the ``done`` flags one call behind the device,
-   so the device never waits on the host.
+   stops a row on end of turn or its token budget (finished rows idle through the rest of the call and keep
+   their fill; their writes land past it). The host reads the ``done`` flags one call behind the device, so
+   the device never waits on the host.
 
 Shapes are bucketed so that few programs are compiled: a chunk is padded to ``T``, the next bucket length
 (powers of two, then multiples of ``bucket_step``; see :func:`bucket_lengths`); padding is never seen, and
@@ -278,8 +278,8 @@ class Engine:
       about as much to launch from the host as to run, so one call per token leaves the GPU waiting on
       Python and dispatch; a loop of steps is launched at once. The price: a call runs all its steps, and
       the host learns that every row stopped (end of turn) one call late, so an answer that ends on end of
-      turn costs up to ``2 * decode_steps - 1`` extra steps of device work (none when it ends on its budget
-      beyond the rest of its last call). 1: one call per token.
+      turn costs up to ``2 * decode_steps - 1`` extra steps of device work (one that ends on its budget only
+      the rest of its last call). 1: one call per token.
     seed: seed of the sampling key.
   """
 
