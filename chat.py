@@ -2,6 +2,10 @@
 
     python chat.py --workdir runs/default                                    # interactive
     python chat.py --workdir runs/default --input chats.jsonl --output answers.jsonl
+    python chat.py --pretrained smollm2                  # SmolLM2-135M-Instruct as shipped (causal mask)
+
+``--pretrained`` takes ``smollm2``, a ``.gguf`` file or a Hugging Face checkpoint directory and chats with
+the untouched model under the causal mask it was pretrained with (``--kind`` to try another).
 
 The KV cache is kept between rounds (``ism``, ``causal``); a ``prefix`` model recomputes its history each
 round. Sampling: ``--temperature 0`` (default) is greedy; ``--top_k`` and ``--top_p`` restrict sampling.
@@ -205,13 +209,17 @@ def interactive(session, show_stats: bool, stdin: TextIO, stdout: TextIO) -> Non
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True, help="training run directory (checkpoints + tokenizer)")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="training run directory (checkpoints + tokenizer)")
+  source.add_argument("--pretrained", help="'smollm2', a .gguf file or a Hugging Face checkpoint directory")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   parser.add_argument("--input", default=None, help="JSONL conversations to answer (non-interactive mode)")
   parser.add_argument("--output", default="-", help="where to write answers as JSONL ('-' = stdout)")
-  parser.add_argument("--kind", choices=MASK_KINDS, default=None, help="mask kind (default: the model's)")
+  parser.add_argument("--kind", choices=MASK_KINDS, default=None,
+                      help="mask kind (default: the run's; causal with --pretrained)")
   parser.add_argument("--max_len", type=int, default=None,
-                      help="KV cache slots per conversation (default: the run's data.seq_len)")
+                      help="KV cache slots per conversation (default: the run's data.seq_len; 2048 with "
+                           "--pretrained)")
   parser.add_argument("--max_new_tokens", type=int, default=256, help="answer token budget per round")
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   parser.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
@@ -236,10 +244,14 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin, stdout: TextI
         conversations = list(read_conversations(f, args.input, args.system))
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     batch_size = 1 if args.input is None else args.batch_size
-    chat = ChatBatch.load(args.workdir, step=args.step, max_len=args.max_len,
-                          attention_impl=args.attention_impl, batch_size=batch_size, kind=args.kind,
-                          max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                          system=args.system if args.input is None else None)
+    common = dict(attention_impl=args.attention_impl, batch_size=batch_size,
+                  max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                  system=args.system if args.input is None else None)
+    if args.pretrained is not None:
+      chat = ChatBatch.pretrained(args.pretrained, kind=args.kind or "causal", max_len=args.max_len or 2048,
+                                  **common)
+    else:
+      chat = ChatBatch.load(args.workdir, step=args.step, max_len=args.max_len, kind=args.kind, **common)
     if args.input is None:
       interactive(ChatSession.from_batch(chat), args.stats, stdin, stdout)
       return 0

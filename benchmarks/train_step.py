@@ -1,7 +1,7 @@
 """Train-step benchmark: step time, tokens/s and MFU of one config under the causal, ISM and prefix masks.
 
     python benchmarks/train_step.py --config configs/h100_1b.py            # the table in docs/BENCHMARKS.md
-    python benchmarks/train_step.py --config configs/default.py --steps 3  # a CPU smoke run
+    python benchmarks/train_step.py --config configs/scratch_tiny.py --steps 3  # a CPU smoke run
 
 Every mask trains on the same packed batches of synthetic multi-turn dialogues (random tokens; 2–8 rounds of
 16–256-token queries and 16–384-token answers, packed first-fit into rows of ``data.seq_len``), with the

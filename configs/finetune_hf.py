@@ -2,36 +2,28 @@
 
     # 1. the chat file becomes a TFDS dataset (OpenAI "messages" or ShareGPT "conversations" per line)
     python -m ism_jax.data.import_jsonl --input chats.jsonl --format openai --name my_chats --data_dir data
-    # 2. fine-tune; the argument after ':' is the checkpoint directory (config.json + safetensors + tokenizer)
+    # 2. fine-tune; after ':' a checkpoint directory (config.json + safetensors + tokenizer) or a .gguf file
     python train.py --config configs/finetune_hf.py:/ckpt/Qwen2.5-0.5B-Instruct --workdir runs/ft \\
         --config.data.name=my_chats
     # 3. export the result for transformers / vLLM: see docs/HF.md
 
-The model fields are read from the checkpoint's config.json (architecture, RoPE, norm epsilon, tied
-embeddings), so they always match the weights that ``init_from_hf`` loads; the tokenizer and chat template
-are the checkpoint's own (:func:`ism_jax.convert.load_hf_tokenizer`). Without an argument the config points
+The model fields are read from the checkpoint (architecture, RoPE, norm epsilon, tied embeddings), so they
+always match the weights that ``init_from`` loads; the tokenizer and chat template are the checkpoint's own
+(:func:`ism_jax.convert.load_pretrained_tokenizer`). Without an argument the config points
 at the tiny test checkpoint tests/fixtures/hf/qwen2 (a smoke run, not a useful model).
 """
 
 import os
 
-from ism_jax.convert import hf_config
-from ism_jax.training.config import base_config
+from ism_jax.training.config import pretrained_config
 
 _TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "hf", "qwen2")
 
 
 def get_config(checkpoint: str = _TINY):
-  config = base_config()
-  config.seed = 0  # data shuffle seed (the weights come from the checkpoint)
-  config.init_from_hf = os.path.abspath(checkpoint)  # Hugging Face checkpoint directory to start from
-
-  # Model: the architecture fields come from the checkpoint; the rest is how to run it.
-  where = os.path.join(checkpoint, hf_config.CONFIG_FILE)
-  imported = hf_config.model_config_from_hf(hf_config.read_hf_config(checkpoint), where)
-  for field in hf_config.CHECKPOINT_FIELDS:  # vocab, widths, heads, RoPE, norm eps, biases, tying
-    value = getattr(imported, field)
-    config.model[field] = list(value) if isinstance(value, tuple) else value  # as saved in run JSON
+  # Model: the architecture fields (vocab, widths, heads, RoPE, norm eps, biases, tying) are read from the
+  # checkpoint; the rest is how to run it.
+  config = pretrained_config(checkpoint)
   config.model.param_dtype = "float32"  # master weights (AdamW state alike)
   config.model.compute_dtype = "bfloat16"  # matmuls in bfloat16; use "float32" on CPU
   config.model.mask = "ism"  # "ism" | "causal" | "prefix"
@@ -42,8 +34,6 @@ def get_config(checkpoint: str = _TINY):
   # Data: a JSONL chat file imported with `python -m ism_jax.data.import_jsonl --name my_chats`.
   config.data.name = "my_chats"  # the imported dataset's name
   config.data.data_dir = "data"  # where import_jsonl wrote it
-  config.data.tokenizer_path = ""  # unused: the checkpoint's own tokenizer and chat template are used
-  config.data.vocab_size = imported.vocab_size  # unused with a checkpoint tokenizer; kept consistent
   config.data.seq_len = 2048  # tokens per packed row (longer dialogues lose later rounds)
   config.data.loss_on = "all"  # train on every answer of a dialogue
   config.data.eval_max_dialogues = 200  # validation dialogues per evaluation

@@ -73,12 +73,12 @@ plt.show()"""),
 prefix, the first round never sees the second, so its keys and values stay valid when the dialogue grows."""),
     ("md", """## 4. Train on Chit-Chat
 
-The run config starts from `configs/default.py`. On a TPU the model is larger, computes in bfloat16 and
+The run config starts from `configs/scratch_tiny.py`. On a TPU the model is larger, computes in bfloat16 and
 attention runs in the block-sparse Pallas TPU kernel (`attention_impl = "auto"`)."""),
     ("code", """from ism_jax.training import config as config_lib
 from ism_jax.training.loop import train
 
-config = config_lib.load_config_file(os.path.join(REPO_DIR, "configs", "default.py"))
+config = config_lib.load_config_file(os.path.join(REPO_DIR, "configs", "scratch_tiny.py"))
 config.data.data_dir = DATA_DIR
 on_tpu = jax.default_backend() == "tpu"
 if on_tpu and not TINY:

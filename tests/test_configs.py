@@ -19,7 +19,7 @@ def test_shipped_configs_are_valid(path):
   config_lib.validate(config, where=path)
   model = config_lib.model_config(config)
   assert model.mask == "ism"
-  assert model.vocab_size >= config.data.vocab_size or config.init_from_hf
+  assert model.vocab_size >= config.data.vocab_size or config.init_from
 
 
 def test_config_sizes():
@@ -28,7 +28,7 @@ def test_config_sizes():
 
   assert 0.9e9 < load("h100_1b.py").num_params() < 1.1e9
   assert 2.5e9 < load("gpu_8x.py").num_params() < 3.5e9
-  assert load("default.py").compute_dtype == "float32"
+  assert load("default.py").compute_dtype == "float32" and load("scratch_tiny.py").compute_dtype == "float32"
   h100 = config_lib.load_config_file(os.path.join(REPO, "configs", "h100_1b.py"))
   assert h100.data.seq_len == 4096
 
@@ -42,7 +42,7 @@ def test_unknown_fields_list_the_valid_ones():
   config.model.widht = 3
   with pytest.raises(ValueError, match=r"'model.widht'.*model.embed_dim"):
     config_lib.validate(config)
-  message = r"'trainin.steps'.*Valid sections: data, debug, .*training.*top-level fields: init_from_hf, seed"
+  message = r"'trainin.steps'.*Valid sections: data, debug, .*training.*top-level fields: init_from, seed"
   with pytest.raises(ValueError, match=message):
     config_lib.check_overrides(config_lib.base_config(), ["--config.trainin.steps=3"])
   config_lib.check_overrides(config_lib.base_config(), ["--config.model.mask=causal", "--config.seed", "1"])

@@ -72,7 +72,7 @@ def test_finetune_config_reads_model_fields_from_checkpoint():
   config_lib.validate(config)
   imported, _ = load_hf_model(path)
   model_config = config_lib.model_config(config)
-  assert config.init_from_hf == os.path.abspath(path) and model_config.mask == "ism"
+  assert config.init_from == os.path.abspath(path) and model_config.mask == "ism"
   assert all(getattr(model_config, f) == getattr(imported, f) for f in CHECKPOINT_FIELDS)
   saved = config_lib.from_json_dict(json.loads(config.to_json()))  # as a checkpoint stores it
   assert config_lib.resume_differences(saved, config) == []

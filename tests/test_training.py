@@ -276,7 +276,7 @@ def test_flops_count_allowed_pairs():
   assert flops.peak_flops_per_device("cpu") is None
 
 
-def test_init_from_hf_starts_from_the_checkpoint_weights(data_dir, tmp_path):
+def test_init_from_starts_from_the_checkpoint_weights(data_dir, tmp_path):
   """configs/finetune_hf.py on the tiny Qwen2 fixture: weights loaded, its tokenizer used and installed."""
   from ism_jax.convert import load_hf_model  # pylint: disable=import-outside-toplevel
   config = config_lib.load_config_file(os.path.join(REPO, "configs", "finetune_hf.py"))
@@ -291,6 +291,6 @@ def test_init_from_hf_starts_from_the_checkpoint_weights(data_dir, tmp_path):
   _, model, tokenizer_path = checkpointing.restore_for_inference(workdir)
   assert tokenizer_path == os.path.join(workdir, checkpointing.HF_TOKENIZER_DIR)
   assert "tokenizer.json" in os.listdir(tokenizer_path)
-  _, reference = load_hf_model(config.init_from_hf, scan_layers=True)
+  _, reference = load_hf_model(config.init_from, scan_layers=True)
   for got, want in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(reference))):
     np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import jax
 from jax.sharding import Mesh
 
 from ism_jax.data.chat_template import encode_answer, encode_query_block, stop_token_id
@@ -103,6 +104,22 @@ class ChatBatch:
     run_config, model, tokenizer = _restore(workdir, step, overrides)
     max_len = int(run_config.data.seq_len) if max_len is None else max_len
     return cls(model, tokenizer, max_len=max_len, **kwargs)
+
+  @classmethod
+  def pretrained(cls, source: str, *, kind: str = "causal", max_len: int = 2048,
+                 attention_impl: str | None = None, compute_dtype: str | None = None, **kwargs):
+    """A chat with an untouched pretrained model: a ``.gguf`` file, an HF directory or ``"smollm2"``.
+
+    ``kind`` defaults to ``"causal"``: a pretrained chat model was trained with the causal mask, and
+    another mask changes what it computes (docs/INFERENCE.md); fine-tune it with ISM first to chat under
+    ``ism``. Other arguments as for :meth:`load`.
+    """
+    from ism_jax.convert import load_pretrained, load_pretrained_tokenizer  # pylint: disable=import-outside-toplevel
+    if compute_dtype is None and jax.default_backend() == "cpu":
+      compute_dtype = "float32"  # bfloat16 matmuls are slow on CPUs
+    overrides = {k: v for k, v in (("attention_impl", attention_impl), ("compute_dtype", compute_dtype)) if v}
+    _, model = load_pretrained(source, mask=kind, **overrides)
+    return cls(model, load_pretrained_tokenizer(source), max_len=max_len, kind=kind, **kwargs)
 
   @property
   def batch_size(self) -> int:
@@ -195,6 +212,11 @@ class ChatSession:
     """See :meth:`ChatBatch.load`."""
     return cls.from_batch(ChatBatch.load(workdir, step=step, max_len=max_len, attention_impl=attention_impl,
                                          compute_dtype=compute_dtype, batch_size=1, **kwargs))
+
+  @classmethod
+  def pretrained(cls, source: str, **kwargs) -> "ChatSession":
+    """See :meth:`ChatBatch.pretrained`."""
+    return cls.from_batch(ChatBatch.pretrained(source, batch_size=1, **kwargs))
 
   @classmethod
   def from_batch(cls, batch: ChatBatch) -> "ChatSession":

@@ -5,7 +5,7 @@ Workdir layout::
     WORKDIR/
       config.json              run config of the latest start (for reading; each checkpoint has its own)
       tokenizer.model          the run's ChatTokenizer, copied in atomically
-      hf_tokenizer/            instead, the tokenizer files of a Hugging Face checkpoint (init_from_hf)
+      hf_tokenizer/            instead, the tokenizer files of a pretrained model (init_from)
       metrics.jsonl            one JSON object per logged step
       tensorboard/             TensorBoard event files
       checkpoints/<step>/      one Orbax checkpoint per saved step, items:

@@ -5,7 +5,7 @@ valid field with its default; the files in ``configs/`` start from it and change
 not in the schema is refused with the list of valid ones, whether it comes from a config file or from a
 ``--config.a.b=value`` override on the command line::
 
-    seed, init_from_hf
+    seed, init_from
     model.*         every field of ism_jax.ModelConfig (mask = "ism" | "causal" | "prefix", ...)
     data.*          dataset, tokenizer, sequence length, loss policy
     optimizer.*     AdamW, warmup + cosine schedule, gradient clipping
@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every valid field with its default value (the schema of a run config)."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # parameter-init seed and data shuffle seed
-  config.init_from_hf = ""  # path of a Hugging Face Llama/Qwen2 checkpoint to start from; "" = random init
+  config.init_from = ""  # pretrained start: HF checkpoint dir, .gguf file or "smollm2"; "" = random init
 
   # The model: every field of ism_jax.ModelConfig (see ism_jax/model.py for their meaning).
   config.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
@@ -100,6 +100,25 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.debug = ml_collections.ConfigDict()
   config.debug.kill_at_step = 0  # SIGKILL this process right after that step (resume tests); 0 = never
+  return config
+
+
+def pretrained_config(source: str) -> ml_collections.ConfigDict:
+  """:func:`base_config` for fine-tuning ``source``: ``init_from`` and the architecture fields are set.
+
+  ``source`` is anything :func:`ism_jax.convert.load_pretrained` takes: a Hugging Face checkpoint
+  directory, a ``.gguf`` file or a name such as ``"smollm2"``. The model fields that come from the
+  checkpoint (widths, heads, RoPE, norm epsilon, tying) are read from it, so they always match the weights;
+  the tokenizer and chat format are the checkpoint's own.
+  """
+  from ism_jax.convert import hf_config, pretrained_model_config  # pylint: disable=import-outside-toplevel
+  config = base_config()
+  config.init_from = os.path.abspath(source) if os.path.exists(source) else source
+  imported = pretrained_model_config(source)
+  for field in hf_config.CHECKPOINT_FIELDS:
+    value = getattr(imported, field)
+    config.model[field] = list(value) if isinstance(value, tuple) else value  # as saved in run JSON
+  config.data.vocab_size = imported.vocab_size  # the checkpoint's tokenizer is used, not one trained here
   return config
 
 
@@ -253,6 +272,9 @@ def from_json_dict(values: dict) -> ml_collections.ConfigDict:
   Fields added to the schema after the checkpoint was written keep their defaults.
   """
   config = base_config()
+  values = dict(values)
+  if "init_from_hf" in values:  # the field's name before GGUF files could be given too
+    values["init_from"] = values.pop("init_from_hf")
   _update(config, values, "")
   return config
 

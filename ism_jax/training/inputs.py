@@ -54,10 +54,10 @@ def prepare(config: ml_collections.ConfigDict) -> tuple[pipeline.PipelineConfig,
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, pipe: pipeline.PipelineConfig):
-  """The Hugging Face checkpoint's tokenizer with ``init_from_hf``, else the pipeline's ChatTokenizer."""
-  if config.init_from_hf:
-    from ism_jax.convert import load_hf_tokenizer  # pylint: disable=import-outside-toplevel
-    return load_hf_tokenizer(config.init_from_hf)
+  """The pretrained model's own tokenizer with ``init_from``, else the pipeline's ChatTokenizer."""
+  if config.init_from:
+    from ism_jax.convert import load_pretrained_tokenizer  # pylint: disable=import-outside-toplevel
+    return load_pretrained_tokenizer(config.init_from)
   return pipeline.load_tokenizer(pipe)
 
 

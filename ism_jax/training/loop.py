@@ -157,31 +157,31 @@ def _restore_or_init(config, model_config, mesh, optimizer, checkpointer, latest
       abstract = ts.abstract_train_state(optimizer, abstract_params, shardings)
       params, opt_state = checkpointer.restore(latest, abstract.params, abstract.opt_state, train_iter)
       return graphdef, ts.TrainState(params, opt_state), shardings
-    if config.init_from_hf:
-      graphdef, params = _hf_params(config, model_config, mesh)
+    if config.init_from:
+      graphdef, params = _pretrained_params(config, model_config, mesh)
     else:
       graphdef, params = ts.init_params(model_config, mesh, config.seed)
     return graphdef, ts.init_train_state(optimizer, params, shardings), shardings
 
 
-def _hf_params(config, model_config, mesh):
-  """Parameters of the Hugging Face checkpoint ``config.init_from_hf``, created sharded on ``mesh``."""
+def _pretrained_params(config, model_config, mesh):
+  """Parameters of the pretrained model ``config.init_from`` (HF, GGUF or a name), sharded on ``mesh``."""
   try:
-    from ism_jax.convert import load_hf_model  # pylint: disable=import-outside-toplevel
+    from ism_jax.convert import load_pretrained  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ValueError(f"config.init_from_hf={config.init_from_hf!r} needs ism_jax.convert.load_hf_model, "
-                     f"which could not be imported ({e}); set --config.init_from_hf='' to start from random "
+    raise ValueError(f"config.init_from={config.init_from!r} needs ism_jax.convert.load_pretrained, which "
+                     f"could not be imported ({e}); set --config.init_from='' to start from random "
                      "weights") from e
   runtime = {name: getattr(model_config, name)
              for name in (*config_lib.MODEL_RUNTIME_FIELDS, "mask", "scan_layers", "param_dtype")}
-  hf_config, model = load_hf_model(config.init_from_hf, mesh, **runtime)
+  hf_config, model = load_pretrained(config.init_from, mesh, **runtime)
   names = [f.name for f in dataclasses.fields(model_config)]
   diffs = [f"model.{n}: checkpoint {getattr(hf_config, n)!r}, config {getattr(model_config, n)!r}"
            for n in names if getattr(hf_config, n) != getattr(model_config, n)]
   if diffs:
-    raise ValueError(f"config.init_from_hf={config.init_from_hf!r} does not match the run's model config: "
+    raise ValueError(f"config.init_from={config.init_from!r} does not match the run's model config: "
                      + "; ".join(diffs) + ". Set these model fields to the checkpoint's values "
-                     "(configs/finetune_hf.py copies them from its config.json)")
+                     "(configs/finetune_hf.py copies them from the checkpoint)")
   graphdef, state = nnx.split(model)
   return graphdef, nnx.to_pure_dict(state)
 
