@@ -145,6 +145,8 @@ def _record(window_values, seconds: float, timed_steps: int, model_config, peak,
       "lr": float(lr(step)),
       "grad_norm": last["grad_norm"],
       "targets": last["targets"],
+      "window_tokens": tokens,  # real tokens of the timed steps of this window (compile step excluded)
+      "window_seconds": seconds if timed else 0.0,  # their wall time
   }
 
 
