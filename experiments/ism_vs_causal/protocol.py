@@ -10,6 +10,7 @@ sequence 1024, the same number of optimizer steps):
     ism                  ISM mask, 16 packed rows per step
     prefix               prefix mask on the triplet expansion (one example per round), rows scaled by the
                          measured token expansion so that it sees as many dialogues per step as ism
+                         (gradients accumulated over microbatches of at most 32 rows: the same update)
     prefix_eq_compute    prefix on triplets with 16 rows: the tokens ism processes, fewer dialogues
 
 Seeds 0, 1, 2 (data order; nothing new is initialised). Lengths: 40 and 160 steps (4x). Metrics: answer NLL
@@ -21,6 +22,7 @@ through ChatBatch sessions) for the long runs and the base model, and cost (toke
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 from ism_jax.training.config import pretrained_config
@@ -34,6 +36,7 @@ class Protocol:
   dataset: str = "chitchat"
   seq_len: int = 1024
   rows: int = 16
+  micro_rows: int = 32  # rows per microbatch at most (the prefix arm accumulates gradients over several)
   arms: tuple[str, ...] = ("causal", "ism", "prefix", "prefix_eq_compute")
   seeds: tuple[int, ...] = (0, 1, 2)
   lengths: tuple[tuple[str, int], ...] = (("short", 40), ("long", 160))
@@ -64,6 +67,11 @@ SMOKE = Protocol(base=os.path.join(REPO, "tests", "fixtures", "hf", "qwen2"),
                  probe_batch=4, probe_max_len=1024, compute_dtype="float32", expansion_sample=50)
 
 
+def accumulation(protocol: Protocol, rows: int) -> int:
+  """Microbatches per step: one unless ``rows`` exceeds ``micro_rows`` (the same update, less memory)."""
+  return max(1, math.ceil(rows / protocol.micro_rows))
+
+
 def run_config(protocol: Protocol, arm: str, seed: int, steps: int, rows: int, data_dir: str):
   """The train.py run config of one arm, seed and length (``rows`` packed rows per step)."""
   config = pretrained_config(protocol.base)
@@ -75,7 +83,8 @@ def run_config(protocol: Protocol, arm: str, seed: int, steps: int, rows: int, d
   config.optimizer.update(learning_rate=protocol.learning_rate, weight_decay=0.0, min_lr_ratio=0.1,
                           warmup_steps=max(1, round(protocol.warmup_fraction * steps)))
   config.training.update(num_steps=steps, global_batch_size=rows, log_every=10, eval_every=0,
-                         checkpoint_every=max(1, steps // 2), keep_checkpoints=1)
+                         checkpoint_every=max(1, steps // 2), keep_checkpoints=1,
+                         grad_accum_steps=accumulation(protocol, rows))
   config.metrics.tensorboard = False
   config.sample.enabled = False
   return config

@@ -107,6 +107,8 @@ def _seed_mean(members: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 def _cell(interval: dict | None, digits: int = 3) -> str:
   if interval is None:
     return "—"
+  if interval["n"] == 1:
+    return f"{interval['mean']:.{digits}f} (1 seed)"
   return f"{interval['mean']:.{digits}f} ± {interval['ci95']:.{digits}f}"
 
 

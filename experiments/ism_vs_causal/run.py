@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import jax  # noqa: E402
 
 from experiments.ism_vs_causal import nll, recall  # noqa: E402
-from experiments.ism_vs_causal.protocol import FULL, SMOKE, Protocol, run_config  # noqa: E402
+from experiments.ism_vs_causal.protocol import FULL, SMOKE, Protocol, accumulation, run_config  # noqa: E402
 from ism_jax.convert import load_pretrained  # noqa: E402
 from ism_jax.data import packing, pipeline  # noqa: E402
 from ism_jax.inference.session import ChatBatch  # noqa: E402
@@ -80,11 +80,13 @@ def _costs(workdir: str) -> dict:
           "final_loss": records[-1]["loss"] if records else None}
 
 
-def _train_and_score(protocol, arm, seed, length, steps, rows, args, context) -> dict:
+def _train_and_score(protocol, arm, seed, length, steps, rows, args, context) -> dict | None:
+  """Trains (or resumes) one unit and scores it; ``None`` when a signal stopped the training early."""
   workdir = os.path.join(args.out, "runs", length, f"{arm}-seed{seed}")
   config = run_config(protocol, arm, seed, steps, rows, args.data_dir)
   start = time.time()
-  loop.train(config, workdir)
+  if loop.train(config, workdir)["step"] < steps:  # SIGTERM or Ctrl-C: a checkpoint was saved; stop here
+    return None
   wall = time.time() - start
   _, model, _ = checkpointing.restore_for_inference(workdir)
   kind = protocol.mask(arm)
@@ -121,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"protocol": dataclasses.asdict(protocol), "expansion": _expansion(protocol, pipe, tokenizer),
             "validation_dialogues": len(dialogues), "device": jax.devices()[0].device_kind}
     _write_json(meta_path, meta)
-  devices = jax.device_count()  # rows are split over every device (data parallel)
-  prefix_rows = max(protocol.rows, round(protocol.rows * meta["expansion"] / devices) * devices)
+  target = protocol.rows * meta["expansion"]  # rows of triplets that hold as many dialogues as ism's rows
+  unit = jax.device_count() * accumulation(protocol, round(target))  # rows split over microbatches, devices
+  prefix_rows = max(protocol.rows, round(target / unit) * unit)
   done = 0
 
   def budget_left() -> bool:
@@ -146,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
           continue
         rows = prefix_rows if arm == "prefix" else protocol.rows
         result = _train_and_score(protocol, arm, seed, length, steps, rows, args, context)
+        if result is None:
+          print(f"{length} {arm} seed {seed}: interrupted; run again to resume", flush=True)
+          return 1
         _write_json(path, result)
         shutil.rmtree(os.path.join(args.out, "runs", length, f"{arm}-seed{seed}", "checkpoints"),
                       ignore_errors=True)
