@@ -19,17 +19,17 @@ def get_config():
   config.model.scan_layers = True  # one stacked block under lax.scan: compiles 30 layers once
 
   config.data.seq_len = 256  # tokens per packed row (longer dialogues lose their later rounds)
-  config.data.eval_max_dialogues = 48  # validation dialogues evaluated before and after
+  config.data.eval_max_dialogues = 32  # validation dialogues evaluated before and after
 
   config.optimizer.learning_rate = 1e-4  # peak learning rate for full fine-tuning
   config.optimizer.warmup_steps = 5  # linear warmup steps
   config.optimizer.weight_decay = 0.0  # no decay towards zero for pretrained weights
 
-  config.training.num_steps = 40  # optimizer steps (4 x 256 tokens each)
+  config.training.num_steps = 30  # optimizer steps (4 x 256 tokens each)
   config.training.global_batch_size = 4  # packed rows per step
   config.training.log_every = 5  # metrics record every 5 steps
-  config.training.eval_every = 0  # evaluate before training and at the end only
-  config.training.checkpoint_every = 20  # a checkpoint every 20 steps (and at the end)
+  config.training.eval_every = 30  # evaluate before training (step 0) and at the end
+  config.training.checkpoint_every = 15  # a checkpoint every 15 steps (and at the end)
   config.training.keep_checkpoints = 1  # the newest checkpoint only (each is ~1.6 GB with Adam state)
 
   config.metrics.peak_tflops_per_device = 0.0  # CPU: MFU is not reported

@@ -224,3 +224,19 @@ def test_unpermute_inverts_the_converter_permutation():
   np.testing.assert_array_equal(gguf_file.unpermute_rows(gguf_files.permute_rows(weight, 2), 2), weight)
   one_head = np.arange(4)[:, None]  # GGUF [x0, y0, x1, y1] -> [x0, x1, y0, y1]
   assert gguf_file.unpermute_rows(one_head, 1)[:, 0].tolist() == [0, 2, 1, 3]
+
+
+def test_chat_cli_pretrained_uses_the_causal_mask_and_the_file_tokenizer(tmp_path):
+  import io  # pylint: disable=import-outside-toplevel
+
+  import chat  # pylint: disable=import-outside-toplevel
+  from ism_jax.inference import ChatSession  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "tiny.gguf")
+  gguf_files.write_gguf(path, _tiny_model())
+  stdout = io.StringIO()
+  code = chat.main(["--pretrained", path, "--max_new_tokens", "5", "--max_len", "128"],
+                   stdin=io.StringIO("the thin\n/quit\n"), stdout=stdout)
+  assert code == 0 and "chat (causal mask, 128-token cache)" in stdout.getvalue()
+  session = ChatSession.pretrained(path, max_len=128, max_new_tokens=5, attention_impl="xla")
+  assert session.kind == "causal" and session.engine.config.compute_dtype == "float32"
+  assert f"model> {session.ask('the thin')}\n" in stdout.getvalue()
