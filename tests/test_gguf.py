@@ -240,3 +240,34 @@ def test_chat_cli_pretrained_uses_the_causal_mask_and_the_file_tokenizer(tmp_pat
   session = ChatSession.pretrained(path, max_len=128, max_new_tokens=5, attention_impl="xla")
   assert session.kind == "causal" and session.engine.config.compute_dtype == "float32"
   assert f"model> {session.ask('the thin')}\n" in stdout.getvalue()
+
+
+def test_finetune_from_a_gguf_file_then_export(tmp_path):
+  """init_from a .gguf: its weights and tokenizer start the run; scripts/export_hf.py writes it back as HF."""
+  import sys  # pylint: disable=import-outside-toplevel
+
+  from ism_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  from ism_jax.training import checkpointing, loop  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+  import export_hf  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "tiny.gguf")
+  model = _tiny_model()
+  gguf_files.write_gguf(path, model)
+  config = config_lib.pretrained_config(path)
+  config.model.update(compute_dtype="float32", attention_impl="xla")
+  config.data.update(name="synthetic_multiturn/small", data_dir=str(tmp_path / "data"), seq_len=128,
+                     eval_max_dialogues=4)
+  config.optimizer.update(learning_rate=1e-3, warmup_steps=0)
+  config.training.update(num_steps=2, global_batch_size=8, eval_every=0, checkpoint_every=2)
+  config.mesh.update(data=-1, fsdp=1)
+  config.sample.enabled = False
+  workdir = str(tmp_path / "run")
+  loop.train(config, workdir)
+  out = str(tmp_path / "export")
+  assert export_hf.main(["--workdir", workdir, "--out", out]) == 0
+  _, exported = load_hf_model(out, **EXACT)
+  trained = checkpointing.restore_for_inference(workdir, model_overrides=EXACT)[1]
+  tokens = np.arange(16) % TINY.vocab_size
+  np.testing.assert_allclose(_causal_logits(exported, tokens), _causal_logits(trained, tokens), atol=1e-5)
+  assert not np.allclose(_causal_logits(exported, tokens), _causal_logits(model, tokens))  # it trained
+  assert load_hf_tokenizer(out).encode(" the thin") == load_gguf_tokenizer(path).encode(" the thin")
