@@ -27,6 +27,7 @@ from ism_jax.convert.gguf_file import GGUFFormatError
 from ism_jax.convert.hf_chat import HFChatTokenizer, load_hf_tokenizer
 
 CACHE_ENV = "ISM_JAX_CACHE"
+FILES = ("tokenizer.json", "tokenizer_config.json")  # what a GGUF tokenizer is written as
 _CONTROL, _USER_DEFINED = 3, 4
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -107,8 +108,7 @@ def tokenizer_files(metadata: dict, path: str) -> dict[str, str]:
       config[name] = tokens[int(token_id)]
   if metadata.get("tokenizer.chat_template"):
     config["chat_template"] = metadata["tokenizer.chat_template"]
-  return {"tokenizer.json": tokenizer.to_str(pretty=False),
-          "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
+  return dict(zip(FILES, (tokenizer.to_str(pretty=False), json.dumps(config, indent=2, ensure_ascii=False))))
 
 
 def write_tokenizer_files(files: dict[str, str], directory: str) -> None:
@@ -125,16 +125,16 @@ def write_tokenizer_files(files: dict[str, str], directory: str) -> None:
 def export_tokenizer(path: str, directory: str | None = None) -> str:
   """Writes the GGUF file's tokenizer as Hugging Face files; returns the folder.
 
-  Without ``directory`` the folder is ``cache_dir()/gguf-tokenizers/<sha256 of the files>``, so the same
-  tokenizer always lands in the same place and is written once.
+  Without ``directory`` the folder is ``cache_dir()/gguf-tokenizers/<key>``, the key a hash of the file's
+  path, size and modification time: the same file's tokenizer is built once, later calls only find it.
   """
-  files = tokenizer_files(gguf_file.read_metadata(path), path)
   if directory is None:
-    digest = hashlib.sha256("\0".join(f"{k}\0{v}" for k, v in sorted(files.items())).encode()).hexdigest()
-    directory = os.path.join(cache_dir(), "gguf-tokenizers", digest[:32])
-    if all(os.path.isfile(os.path.join(directory, name)) for name in files):
+    stat = os.stat(path)
+    key = f"{os.path.realpath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    directory = os.path.join(cache_dir(), "gguf-tokenizers", hashlib.sha256(key).hexdigest()[:32])
+    if all(os.path.isfile(os.path.join(directory, name)) for name in FILES):
       return directory
-  write_tokenizer_files(files, directory)
+  write_tokenizer_files(tokenizer_files(gguf_file.read_metadata(path), path), directory)
   return directory
 
 
