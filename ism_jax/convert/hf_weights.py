@@ -163,8 +163,7 @@ def _check_tensor_shapes(reader: CheckpointReader, config: ModelConfig, variable
 
 
 def _read_into(out: np.ndarray, reader: CheckpointReader, entry: Entry, name: str) -> np.ndarray:
-  """Converts one HF tensor into the host array ``out`` (our layout and dtype; never a view of the file)."""
-  _check_shape(reader, entry, name, out.shape)
+  """Converts one HF tensor (shape checked by ``_check_tensor_shapes``) into the host array ``out``."""
   out[...] = to_ours(entry, reader.get(name), out.shape)
   return out
 
