@@ -38,8 +38,9 @@ from flax import nnx
 from ism_jax.attention import attention
 from ism_jax.attention.xla import dense_attention
 from ism_jax.inference.dialogues import DialogueBatch
-from ism_jax.inference.engine import DEFAULT_DECODE_STEPS, Engine, chunk_ranges, compiled_counts, pack_chunks
-from ism_jax.masks import MaskRanges, SegmentType, make_attention_ranges
+from ism_jax.inference.engine import DEFAULT_DECODE_STEPS, Engine
+from ism_jax.inference.steps import compiled_counts, pack_chunks
+from ism_jax.masks import MaskRanges, SegmentType, chunk_ranges, make_attention_ranges
 from ism_jax.model import ModelConfig, Transformer
 
 KINDS = ("causal", "ism", "prefix")
@@ -157,22 +158,21 @@ def probe(args) -> None:
     tokens_BT = np.zeros((1, padded), np.int32)
     types_BT = np.zeros((1, padded), np.int32)
     tokens_BT[0, :200], types_BT[0, :200] = tokens(200), SegmentType.QUERY
-    run, prefill = engine._run, engine._prefill_fn  # pylint: disable=protected-access
-    key = engine._put(jax.random.key(0))  # committed like the engine's own inputs: no extra compile
-    step = lambda: run(prefill, engine.cache, pack_chunks(tokens_BT, types_BT, start_B, length_B), key, None,
-                       window=window, from_start=False, all_greedy=True)
-    engine.cache, _, first, *_ = step()
+    step = lambda: engine._prefill_call(  # pylint: disable=protected-access
+        pack_chunks(tokens_BT, types_BT, start_B, length_B), None, window=window, from_start=False,
+        all_greedy=True).first_on_host_B
+    first = step()
     jax.block_until_ready(first)
     single = []  # one step at a time: (call returned, first token on the host)
     for _ in range(10):
       start = time.perf_counter()
-      engine.cache, _, first, *_ = step()
+      first = step()
       dispatched = time.perf_counter()
       np.asarray(first)
       single.append((dispatched - start, time.perf_counter() - start))
     start = time.perf_counter()
     for _ in range(calls):
-      engine.cache, _, first, *_ = step()
+      first = step()
     jax.block_until_ready(first)
     queued = (time.perf_counter() - start) / calls
     return queued, statistics.median(s[0] for s in single), statistics.median(s[1] for s in single)

@@ -243,6 +243,34 @@ def make_attention_ranges(segment_types, segment_ids=None, kind: str = "ism") ->
   return MaskRanges(k_lo=k_lo, k_hi=k_hi, q_lo=q_lo, q_hi=q_hi)
 
 
+def chunk_ranges(types_BT: jax.Array, start_B: jax.Array, from_start: bool) -> MaskRanges:
+  """Mask ranges of a chunk written into a KV cache at slots ``start_B[b] + t``, in slot coordinates.
+
+  ``types_BT`` are the mask-effective segment types (:func:`effective_segment_types`) with padding (``PAD``)
+  at the end of each row; the cache before ``start_B[b]`` holds the row's earlier tokens. With
+  ``from_start`` every row with tokens starts at slot 0 and keys are the chunk itself, so the full range
+  form (``q_lo``/``q_hi`` too, which the differentiable kernels take) is that of the chunk. Otherwise real
+  tokens see ``[0, start + chunk-local k_hi)`` and padding tokens repeat the last real token's range (a row
+  without tokens sees slot 0), so ``k_hi`` stays non-decreasing along the chunk as kernel tile bounds need;
+  padding rows are never read.
+
+  Returns:
+    ``MaskRanges``, ``[B, T]`` int32 arrays (``k_lo, k_hi`` only unless ``from_start``).
+  """
+  ranges = make_attention_ranges(types_BT)
+  if from_start:
+    return ranges
+  real_BT = types_BT != SegmentType.PAD
+  k_hi_BT = jax.lax.cummax(jnp.where(real_BT, ranges.k_hi + start_B[:, None], 1), axis=1)
+  return MaskRanges(k_lo=jnp.zeros_like(k_hi_BT), k_hi=k_hi_BT)
+
+
+def decode_ranges(fill_B: jax.Array) -> MaskRanges:
+  """Mask ranges ``[B, 1]`` of one new token per row written at slot ``fill_B[b]``: it sees ``[0, fill + 1)``
+  (an answer token is causal; everything earlier in the cache is its own dialogue)."""
+  return MaskRanges(k_lo=jnp.zeros_like(fill_B)[:, None], k_hi=fill_B[:, None] + 1)
+
+
 def make_attention_mask(segment_types, segment_ids=None, kind: str = "ism") -> jax.Array:
   """The dense ``[B, T, T]`` boolean mask (query, key) of ``kind``: the oracle and CPU reference.
 

@@ -19,8 +19,7 @@ writes a KV cache for multi-turn inference.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +43,10 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of a :class:`Transformer`. Defaults give a small Llama-style model."""
+
+  # Fields that change how the network runs but not its parameters: a checkpoint may be resumed or served
+  # with other values of these.
+  RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("attention_impl", "remat_policy", "compute_dtype")
 
   vocab_size: int = 32_000
   embed_dim: int = 512  # model width D
@@ -346,7 +349,7 @@ class Transformer(nnx.Module):
     else:
       new_cache = []
       for i, block in enumerate(self.blocks):
-        run = _remat(functools.partial(_call_block, block), self.config.remat_policy)
+        run = _remat(block.__call__, self.config.remat_policy)
         x_BTD, layer_cache = run(x_BTD, positions_BT, ranges, None if cache is None else cache[i],
                                  write_index_B)
         new_cache.append(layer_cache)
@@ -367,17 +370,12 @@ class Transformer(nnx.Module):
 
     def body(x, layer):
       layer_state, layer_cache = layer
-      y, new_cache = _call_block(nnx.merge(graphdef, layer_state), x, positions_BT, ranges, layer_cache,
-                                 write_index_B)
-      return y, new_cache
+      block = nnx.merge(graphdef, layer_state)
+      return block(x, positions_BT, ranges, layer_cache, write_index_B)
 
     body = _remat(body, self.config.remat_policy)
     x_BTD, cache = jax.lax.scan(body, x_BTD, (state, cache))
     return x_BTD, cache
-
-
-def _call_block(block: Block, x, positions, ranges, cache, write_index):
-  return block(x, positions, ranges, cache, write_index)
 
 
 def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -390,76 +388,3 @@ def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
     return Block(config, rngs=rngs)
 
   return create(rngs)
-
-
-def _rebuild(model: Transformer, config: ModelConfig, value_of) -> Transformer:
-  """A model of ``config`` whose parameter at each path is ``value_of(path, flat)``, where ``flat`` maps the
-  paths of ``model``'s parameters to their values; placed by the rules table when those are on a mesh."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
-  flat = {path: variable[...] for path, variable in nnx.to_flat_state(nnx.state(model))}
-  mesh = getattr(next(iter(flat.values())).sharding, "mesh", None)
-
-  def place(variable, value):
-    if mesh is not None and not mesh.empty:
-      spec = sharding.logical_to_spec(variable.logical_axes, value.shape, dict(mesh.shape))
-      value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
-    return variable.replace(value)
-
-  new = [(path, place(variable, value_of(path, flat))) for path, variable in nnx.to_flat_state(abstract)]
-  return nnx.merge(graphdef, nnx.from_flat_state(new))
-
-
-def unstack_layers(model: Transformer) -> Transformer:
-  """The same network with scanned layers turned into a list of blocks (returned as is when not scanned).
-
-  Serving prefers unrolled layers: a scanned step runs as a device-side loop whose every iteration slices
-  its weights out of the stacked arrays and launches its kernels one by one, while an unrolled step is one
-  straight sequence of kernels that the compiler can fuse across layers and capture as a CUDA graph. The
-  parameters are copied (layer ``i`` of every stacked ``[L, ...]`` array).
-  """
-  if not model.config.scan_layers:
-    return model
-
-  def layer_value(path, flat):
-    if path[0] == "blocks":  # ("blocks", i, *rest) <- ("blocks", *rest)[i]
-      return flat[("blocks", *path[2:])][path[1]]
-    return flat[path]
-
-  return _rebuild(model, dataclasses.replace(model.config, scan_layers=False), layer_value)
-
-
-def fuse_projections(model: Transformer) -> Transformer:
-  """The same network with ``fused_projections``: q/k/v weights (and biases) concatenated per KV head into
-  ``qkv_proj [..., D, K, G + 2, Dh]`` and gate/up stacked into ``gate_up_proj [..., D, 2, M]`` (copies).
-
-  One matmul instead of three, and one instead of two, run faster for the short chunks of serving and
-  halve the kernel launches of the projections. Returned as is when already fused.
-  """
-  if model.config.fused_projections:
-    return model
-  kv_heads = model.config.num_kv_heads
-
-  def grouped(q, k, v):  # q [..., H, Dh], k and v [..., K, Dh] -> [..., K, G + 2, Dh]
-    q = q.reshape(*q.shape[:-2], kv_heads, -1, q.shape[-1])
-    return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
-
-  def fused_value(path, flat):
-    *module, name = path
-    parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "qkv_bias": ("q_bias", "k_bias", "v_bias")}
-    if name in parts:
-      return grouped(*(flat[(*module, part)] for part in parts[name]))
-    if name == "gate_up_proj":
-      return jnp.stack([flat[(*module, "gate_proj")], flat[(*module, "up_proj")]], axis=-2)
-    return flat[path]
-
-  return _rebuild(model, dataclasses.replace(model.config, fused_projections=True), fused_value)
-
-
-def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype: Any = None):
-  """A zeroed KV cache: a list of :class:`LayerCache` (or one stacked on a leading axis when scanned)."""
-  dtype = config.dtype if dtype is None else dtype
-  shape = (batch_size, cache_len, config.num_kv_heads, config.head_dim)
-  if config.scan_layers:
-    shape = (config.num_layers, *shape)
-    return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-  return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]

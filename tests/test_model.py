@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 
 from ism_jax import ModelConfig, SegmentType, Transformer, make_attention_ranges, sharding
+from ism_jax.inference.cache import init_cache
+from ism_jax.inference.rewrites import fuse_projections, unstack_layers
 from ism_jax.masks import MaskRanges
-from ism_jax.model import init_cache
 from tests import fitting, layouts
 
 
@@ -83,8 +84,6 @@ def test_scanned_layers_give_the_same_logits(tiny_model, packed_batch, remat_pol
 def test_serving_transforms_keep_the_network(packed_batch):
   """unstack_layers and fuse_projections (as the inference engine applies them) give the same logits, with
   QKV biases and GQA, on one device and placed by the rules table on a mesh."""
-  from ism_jax.model import fuse_projections, unstack_layers  # pylint: disable=import-outside-toplevel
-
   config = ModelConfig.tiny(scan_layers=True, qkv_bias=True)
   model = Transformer(config, rngs=nnx.Rngs(4))
   for name in ("q_bias", "k_bias", "v_bias"):  # zeros at init: make them count

@@ -23,12 +23,12 @@ from typing import Sequence
 
 import numpy as np
 
-from ism_jax.inference.engine import Engine, Generation
+from ism_jax.inference.engine import CacheFullError, Engine, Generation
 from ism_jax.inference.sampling import SamplingParams
 from ism_jax.masks import MASK_KINDS, SegmentType
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(CacheFullError):
   """The dialogue plus the new query does not fit in the cache; nothing was changed."""
 
 
@@ -93,17 +93,9 @@ class DialogueBatch:
     self._rows[row].types += [int(segment_type)] * len(tokens)
 
   def check_room(self, row: int, new_tokens: int) -> None:
-    """Raises :class:`PromptTooLongError` unless ``new_tokens`` more tokens leave room for an answer.
-
-    Room for an answer is 2 slots: its first token and the end of turn that may follow it.
-    """
-    have = len(self._rows[row].tokens)
-    needed = have + new_tokens + 2
-    if needed > self.engine.max_len:
-      raise PromptTooLongError(
-          f"row {row}: the dialogue so far ({have} tokens) + {new_tokens} new tokens + 2 answer slots = "
-          f"{needed} tokens exceed the KV cache of max_len={self.engine.max_len}; start a new dialogue "
-          "(reset) or create the session with a larger max_len")
+    """Raises :class:`PromptTooLongError` unless ``new_tokens`` more tokens leave room for an answer
+    (:meth:`Engine.check_room`)."""
+    self.engine.check_room(row, len(self._rows[row].tokens), new_tokens, error=PromptTooLongError)
 
   def _chunk(self, row: _Row, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if self.kind == "prefix":
