@@ -100,6 +100,15 @@ class ModelConfig:
       raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
   @classmethod
+  def from_dict(cls, values) -> "ModelConfig":
+    """A config from a mapping (a run config's ``model`` section, saved JSON); unknown fields are refused."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+      raise ValueError(f"unknown model config fields {unknown}; valid fields of model: {', '.join(names)}")
+    return cls(**dict(values))
+
+  @classmethod
   def tiny(cls, **overrides) -> "ModelConfig":
     """A few-thousand-parameter model for tests."""
     fields = dict(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,

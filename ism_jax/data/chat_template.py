@@ -20,7 +20,7 @@ and decodes until :func:`stop_token_id`; concatenating query blocks and answers 
 reproduces :func:`encode_dialogue` exactly.
 
 A tokenizer may carry its own chat format (a Hugging Face checkpoint's, see
-:class:`ism_jax.convert.hf_chat.HFChatTokenizer`): when it has methods ``encode_query_block``,
+:class:`ism_jax.data.hf_chat.HFChatTokenizer`): when it has methods ``encode_query_block``,
 ``encode_answer`` and ``stop_token_id``, the functions here hand over to them, so the pipeline, training and
 inference use that format with the same query/answer split.
 """

@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from ism_jax import sharding
-from ism_jax.training import checkpointing, evaluation, flops, inputs, metrics
+from ism_jax.training import checkpointing, evaluation, flops, inputs, metrics, sample
 from ism_jax.training import config as config_lib
 from ism_jax.training import train_step as ts
 from ism_jax.training.optimizer import optimizer_from_config
@@ -175,7 +175,7 @@ def _pretrained_params(config, model_config, mesh):
                      f"could not be imported ({e}); set --config.init_from='' to start from random "
                      "weights") from e
   runtime = {name: getattr(model_config, name)
-             for name in (*config_lib.MODEL_RUNTIME_FIELDS, "mask", "scan_layers", "param_dtype")}
+             for name in (*model_config.RUNTIME_FIELDS, "mask", "scan_layers", "param_dtype")}
   hf_config, model = load_pretrained(config.init_from, mesh, **runtime)
   names = [f.name for f in dataclasses.fields(model_config)]
   diffs = [f"model.{n}: checkpoint {getattr(hf_config, n)!r}, config {getattr(model_config, n)!r}"
@@ -188,8 +188,12 @@ def _pretrained_params(config, model_config, mesh):
   return graphdef, nnx.to_pure_dict(state)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str,
+          after_step: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run in ``workdir``. Returns the last metrics record (with eval results).
+
+  ``after_step(step)``, when given, is called after each step once its metrics and checkpoint are handled
+  (a hook for tools and tests, e.g. one that kills the process at a chosen step).
 
   Raises:
     ValueError: invalid config, data or a checkpoint that does not fit this run (nothing written).
@@ -204,7 +208,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if (rows // accum) % shards:
     raise ValueError(f"each microbatch of training.global_batch_size / grad_accum_steps = {rows // accum} "
                      f"rows must divide evenly over the mesh's data x fsdp = {shards} devices")
-  pipe, tokenizer = inputs.prepare(config)
+  data = inputs.prepare(config)
+  tokenizer = data.tokenizer
   fingerprint = checkpointing.tokenizer_fingerprint(tokenizer)
 
   os.makedirs(workdir, exist_ok=True)
@@ -218,14 +223,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     checkpointing.write_config(workdir, config)
 
   optimizer, schedule = optimizer_from_config(config.optimizer, config.training.num_steps)
-  train_iter = inputs.train_iterator(pipe, tokenizer)
+  train_iter = data.train
   graphdef, state, shardings = _restore_or_init(config, model_config, mesh, optimizer, checkpointer, latest,
                                                 train_iter)
   start = latest or 0
   kind = model_config.mask
   step_fn = ts.jit_train_step(ts.make_train_step(graphdef, optimizer, kind, accum), shardings, mesh)
   eval_fn = ts.jit_eval_step(ts.make_eval_step(graphdef, evaluation.NUM_ROUNDS), shardings.params, mesh)
-  eval_batches = inputs.eval_batches(pipe, tokenizer, config.data.eval_max_dialogues, kind)
+  eval_batches = data.eval_batches
 
   writer = metrics.MetricsWriter(workdir, enabled=primary, tensorboard=config.metrics.tensorboard,
                                  resume_step=start)
@@ -278,9 +283,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           data_state = _IteratorSnapshot(train_iter.get_state())
           checkpointer.save(step, state.params, state.opt_state, data_state, meta)
           saved = step
-        if config.debug.kill_at_step == step:
-          checkpointer.wait()
-          os.kill(os.getpid(), signal.SIGKILL)
+        if after_step is not None:
+          after_step(step)
         if stopping:
           progress.message(f"{stop.received} received: saved step {step} to {checkpointer.directory}; "
                            "run the same command to resume")
@@ -291,17 +295,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.close()
     progress.close()
   if step == t.num_steps and config.sample.enabled and primary and jax.process_count() == 1:
-    _print_sample(config, state, graphdef, tokenizer, pipe, writer_step=step)
+    _print_sample(config, state, graphdef, data, writer_step=step)
   return {"step": step, **record}
 
 
-def _print_sample(config, state, graphdef, tokenizer, pipe, writer_step: int) -> None:
+def _print_sample(config, state, graphdef, data, writer_step: int) -> None:
   """Greedy multi-turn chat on the first validation dialogues' user turns."""
-  from ism_jax.training import sample  # pylint: disable=import-outside-toplevel
   params = jax.device_put(state.params, jax.devices()[0])
   model = nnx.merge(graphdef, params)
-  for i, dialogue in enumerate(inputs.sample_dialogues(pipe, config.sample.dialogues)):
-    turns = sample.sample_chat(model, tokenizer, dialogue, config.sample.rounds,
+  for i, dialogue in enumerate(data.sample_dialogues):
+    turns = sample.sample_chat(model, data.tokenizer, dialogue, config.sample.rounds,
                                config.sample.max_answer_tokens, max_len=config.data.seq_len)
     print(f"\nsample chat {i + 1} (greedy, after step {writer_step}; user turns from the validation split):")
     print(sample.format_chat(turns), flush=True)

@@ -27,7 +27,7 @@ import abc
 import re
 from typing import Sequence, Union
 
-from ism_jax.convert.hf_tokenizer import HFTokenizer
+from ism_jax.data.hf_tokenizer import HFTokenizer
 from ism_jax.data import chat_template
 from ism_jax.data.chat_template import EncodedDialogue
 from ism_jax.data.dialogue import Message
