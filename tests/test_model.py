@@ -121,6 +121,20 @@ def test_sharded_on_8_devices_matches_one_device(packed_batch):
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
 
 
+def test_undivided_sharding_rules_are_logged_once(caplog):
+  """2 KV heads cannot split over tensor=4: the k/v projections stay replicated, and one warning says so."""
+  mesh = sharding.make_mesh(data=2, fsdp=1, tensor=4)
+  abstract = nnx.eval_shape(lambda: Transformer(ModelConfig.tiny(scan_layers=True), rngs=nnx.Rngs(0)))
+  with caplog.at_level("WARNING", logger="ism_jax.sharding"):
+    shardings = sharding.state_shardings(nnx.state(abstract), mesh)
+  assert shardings["blocks"]["attn"]["k_proj"].spec == jax.sharding.PartitionSpec(None, None, None, None)
+  assert shardings["blocks"]["attn"]["q_proj"].spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+  warnings = [r.getMessage() for r in caplog.records]
+  assert len(warnings) == 1, warnings
+  assert "blocks.attn.k_proj (2, 32, 2, 8): kv_heads (dim 2 of size 2) on tensor=4" in warnings[0]
+  assert "blocks.attn.v_proj" in warnings[0] and "q_proj" not in warnings[0]
+
+
 def test_mesh_errors_name_the_sizes():
   with pytest.raises(ValueError, match=r"needs 6 devices, found 8"):
     sharding.make_mesh(data=3, fsdp=2, tensor=1)

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ism_jax.data.dialogue import Message, split_rounds
+from ism_jax.data.dialogue import Message, check_query_block, split_rounds
 from ism_jax.data.tokenizer import ChatTokenizer
 from ism_jax.masks import SegmentType
 
@@ -86,10 +86,9 @@ def encode_query_block(tokenizer: ChatTokenizer, messages: Sequence[Message], *,
   """
   if hasattr(tokenizer, "encode_query_block"):
     return tokenizer.encode_query_block(messages, first=first)
+  check_query_block(messages)
   tokens = [tokenizer.bos_id] if first else []
   for message in messages:
-    if not message.is_query:
-      raise ValueError(f"a query block holds system/user/tool messages only, got role {message.role!r}")
     tokens += _message_tokens(tokenizer, message)
   return tokens + [tokenizer.role_ids["assistant"]]
 

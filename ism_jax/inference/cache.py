@@ -43,11 +43,13 @@ def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype: Any 
 
 
 def cache_shardings(config: ModelConfig, batch_size: int, max_len: int, mesh: Mesh, dtype: Any = None):
-  """A tree like the cache of ``NamedSharding``s from the logical axes (mesh axes that do not divide drop)."""
+  """A tree like the cache of ``NamedSharding``s from the logical axes (mesh axes that do not divide drop,
+  with a warning)."""
   abstract = jax.eval_shape(lambda: init_cache(config, batch_size, max_len, dtype))
-  axes = _logical_axes(config)
-  to_sharding = lambda a: NamedSharding(mesh, sharding.logical_to_spec(axes, a.shape, dict(mesh.shape)))
-  return jax.tree.map(to_sharding, abstract)
+  shape = jax.tree.leaves(abstract)[0].shape  # every key and value array has this shape
+  spec, drops = sharding.spec_with_drops(_logical_axes(config), shape, dict(mesh.shape))
+  sharding.warn_replicated(f"KV cache on mesh {dict(mesh.shape)}", [("keys and values", shape, drops)])
+  return jax.tree.map(lambda _: NamedSharding(mesh, spec), abstract)
 
 
 def allocate(config: ModelConfig, batch_size: int, max_len: int, mesh: Mesh | None = None,
