@@ -37,6 +37,15 @@ from ism_jax.masks import (
 )
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Named model sizes for ModelConfig.preset: width, depth and heads (vocabulary, dtypes and the rest stay the
+# config's own). Parameters with a 32k untied vocabulary: 1m 9M (1.0M with 2k tied), 250m 0.25B, 1b 0.98B,
+# 3b 3.0B.
+PRESETS = {
+    "1m": dict(embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384),
+    "250m": dict(embed_dim=1024, num_layers=16, num_heads=16, num_kv_heads=8, head_dim=64, mlp_dim=2816),
+    "1b": dict(embed_dim=2048, num_layers=18, num_heads=16, num_kv_heads=8, head_dim=128, mlp_dim=5632),
+    "3b": dict(embed_dim=3072, num_layers=28, num_heads=24, num_kv_heads=8, head_dim=128, mlp_dim=8192),
+}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -107,6 +116,13 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"unknown model config fields {unknown}; valid fields of model: {', '.join(names)}")
     return cls(**dict(values))
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "ModelConfig":
+    """The named model size of :data:`PRESETS` (``"1m"``, ``"250m"``, ``"1b"``, ``"3b"``) plus ``overrides``."""
+    if name not in PRESETS:
+      raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+    return cls(**{**PRESETS[name], **overrides})
 
   @classmethod
   def tiny(cls, **overrides) -> "ModelConfig":

@@ -36,14 +36,19 @@ RESUME_LOCKED_FIELDS = ("seed", "data.name", "data.seq_len", "data.loss_on", "tr
                         "model.mask")
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Every valid field with its default value (the schema of a run config)."""
+def base_config(model: str | None = None) -> ml_collections.ConfigDict:
+  """Every valid field with its default value (the schema of a run config).
+
+  ``model`` names a size of :data:`ism_jax.model.PRESETS` for the ``model`` section (``None``: the
+  ``ModelConfig`` defaults); config files start from this and change what differs.
+  """
   config = ml_collections.ConfigDict()
   config.seed = 0  # parameter-init seed and data shuffle seed
   config.init_from = ""  # pretrained start: HF checkpoint dir, .gguf file or "smollm2"; "" = random init
 
   # The model: every field of ism_jax.ModelConfig (see ism_jax/model.py for their meaning).
-  config.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
+  model_config = ModelConfig() if model is None else ModelConfig.preset(model)
+  config.model = ml_collections.ConfigDict(dataclasses.asdict(model_config))
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "chitchat"  # "chitchat", "synthetic_multiturn[/small]" or an imported JSONL dataset
