@@ -15,7 +15,7 @@ from ism_jax.training.config import base_config
 
 
 def get_config():
-  config = base_config(model="1m")  # width 128, 4 layers, heads of 32; ~1.1M parameters with the changes below
+  config = base_config(model="1m")  # width 128, 4 layers, heads of 32 (~1.1M parameters with the lines below)
 
   config.model.vocab_size = 320  # embedding rows (the task's tokenizer has 300 pieces)
   config.model.num_kv_heads = 4  # one key/value head per query head

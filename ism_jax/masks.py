@@ -333,6 +333,28 @@ def _where(array: np.ndarray) -> str:
   return f"row {row}, position {col}"
 
 
+def _check_contiguous(ids: np.ndarray, derived: bool) -> None:
+  """Raises unless each dialogue is one contiguous run of its row (padding may sit anywhere); ``derived``:
+  the ids were derived from the segment types (no ``segment_ids`` given)."""
+  for row in range(ids.shape[0]):
+    run_ids = ids[row][np.concatenate([[True], ids[row, 1:] != ids[row, :-1]])]
+    run_ids = run_ids[run_ids != 0]
+    unique, counts = np.unique(run_ids, return_counts=True)
+    if (counts > 1).any():
+      repeated = unique[counts > 1][0]
+      cols = np.flatnonzero(ids[row] == repeated)
+      resumes = cols[np.flatnonzero(np.diff(cols) > 1)[0] + 1]
+      if derived:
+        raise ValueError(
+            f"segment_types[row {row}]: padding splits the row's tokens (they resume at position "
+            f"{resumes}); without segment_ids a row holds one dialogue, so pass segment_ids for packed rows"
+        )
+      raise ValueError(
+          f"segment_ids[row {row}]: dialogue {repeated} is not one contiguous run (it resumes at position "
+          f"{resumes}); pack each dialogue as one run"
+      )
+
+
 def validate_segments(segment_types, segment_ids=None, loss_mask=None, kind: str = "ism") -> None:
   """Checks the values of a batch's per-token arrays; raises ``ValueError`` naming array and position.
 
@@ -368,24 +390,7 @@ def validate_segments(segment_types, segment_ids=None, loss_mask=None, kind: str
           f"segment_ids and segment_types disagree at {_where(mismatch)}: padding must have segment id 0 "
           "and type PAD together"
       )
-  # Each dialogue must be one contiguous run of its row (padding may sit anywhere).
-  for row in range(ids.shape[0]):
-    run_ids = ids[row][np.concatenate([[True], ids[row, 1:] != ids[row, :-1]])]
-    run_ids = run_ids[run_ids != 0]
-    unique, counts = np.unique(run_ids, return_counts=True)
-    if (counts > 1).any():
-      repeated = unique[counts > 1][0]
-      cols = np.flatnonzero(ids[row] == repeated)
-      resumes = cols[np.flatnonzero(np.diff(cols) > 1)[0] + 1]
-      if segment_ids is None:
-        raise ValueError(
-            f"segment_types[row {row}]: padding splits the row's tokens (they resume at position "
-            f"{resumes}); without segment_ids a row holds one dialogue, so pass segment_ids for packed rows"
-        )
-      raise ValueError(
-          f"segment_ids[row {row}]: dialogue {repeated} is not one contiguous run (it resumes at position "
-          f"{resumes}); pack each dialogue as one run"
-      )
+  _check_contiguous(ids, derived=segment_ids is None)
   if loss_mask is not None:
     leaks = np.asarray(_leaks(jnp.asarray(types), jnp.asarray(ids), jnp.asarray(loss_mask), kind))
     if leaks.any():

@@ -119,7 +119,7 @@ class ModelConfig:
 
   @classmethod
   def preset(cls, name: str, **overrides) -> "ModelConfig":
-    """The named model size of :data:`PRESETS` (``"1m"``, ``"250m"``, ``"1b"``, ``"3b"``) plus ``overrides``."""
+    """The named size of :data:`PRESETS` (``"1m"``, ``"250m"``, ``"1b"``, ``"3b"``) plus ``overrides``."""
     if name not in PRESETS:
       raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
     return cls(**{**PRESETS[name], **overrides})

@@ -105,8 +105,8 @@ def test_restore_for_inference_gives_the_trained_model(reference_run, data_dir):
   dialogue = pipeline.read_dialogues(inputs.pipeline_config(tiny_config(data_dir)), "validation", 1)[0]
   assert isinstance(restored.tokenizer, ChatTokenizer)
   for kind in ("ism", "prefix"):  # prefix re-runs the history every round, ism reuses the cache
-    turns = sample.sample_chat(model, restored.tokenizer, dialogue, rounds=1, max_answer_tokens=4, max_len=128,
-                               kind=kind)
+    turns = sample.sample_chat(model, restored.tokenizer, dialogue, rounds=1, max_answer_tokens=4,
+                               max_len=128, kind=kind)
     assert len(turns) == 1 and isinstance(turns[0][1], str)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     workdir_lib.restore(os.path.join(workdir, "nope"))

@@ -31,10 +31,10 @@ engines over equal models (:func:`~ism_jax.inference.steps.compiled_counts` coun
 :meth:`Engine.warmup` compiles them ahead). The cache buffer is donated to every step: updates are in place.
 
 Serving latency at batch 1 is mostly fixed cost per step (host dispatch, kernel launches), so by default the
-engine serves the model unrolled and with fused projections (:func:`ism_jax.inference.rewrites.unstack_layers`,
-:func:`~ism_jax.inference.rewrites.fuse_projections`: the same network, fewer and larger kernels), sends a
-prefill's inputs in one transfer (:func:`~ism_jax.inference.steps.pack_chunks`), draws random keys on the device and has the step write the
-first token into host memory itself. docs/BENCHMARKS.md has the measurements.
+engine serves the model unrolled and with fused projections (:func:`ism_jax.inference.rewrites.
+unstack_layers`, :func:`~ism_jax.inference.rewrites.fuse_projections`: the same network, fewer and larger
+kernels), sends a prefill's inputs in one transfer (:func:`~ism_jax.inference.steps.pack_chunks`), draws
+random keys on the device and has the step write the first token into host memory itself. docs/BENCHMARKS.md has the measurements.
 """
 
 from __future__ import annotations
@@ -147,8 +147,8 @@ class Engine:
     unroll_layers: serve a model that scans its layers with them unrolled (:func:`~ism_jax.inference.
       rewrites.unstack_layers`: the same network, fewer and larger GPU launches per step, longer compiles).
     fuse_projections: serve with q/k/v and gate/up weights concatenated (:func:`~ism_jax.inference.
-      rewrites.fuse_projections`: the same network in fewer, larger matmuls). Both copy the parameters: the engine
-      keeps its own, so drop the model after building the engine to hold them once.
+      rewrites.fuse_projections`: the same network in fewer, larger matmuls). Both copy the parameters: the
+      engine keeps its own, so drop the model after building the engine to hold them once.
     decode_steps: decode steps per device call (a fixed-length loop on the device). At batch 1 a step costs
       about as much to launch from the host as to run, so one call per token leaves the GPU waiting on
       Python and dispatch; a loop of steps is launched at once. The price: a call runs all its steps, and
@@ -223,8 +223,8 @@ class Engine:
     if needed > self.max_len:
       raise error(
           f"row {row}: the dialogue so far ({have} tokens) + {new} new tokens + {ANSWER_SLOTS} answer slots "
-          f"(first answer token, end of turn) = {needed} tokens exceed the KV cache of max_len={self.max_len}; "
-          "reset the row (start a new dialogue) or use a larger max_len")
+          f"(first answer token, end of turn) = {needed} tokens exceed the KV cache of "
+          f"max_len={self.max_len}; reset the row (start a new dialogue) or use a larger max_len")
 
   def _put(self, tree):
     """Host values (or device arrays) committed to the engine's device (replicated over its mesh)."""

@@ -82,6 +82,12 @@ def base_config(model: str | None = None) -> ml_collections.ConfigDict:
   config.training.keep_checkpoints = 3  # newest checkpoints kept on disk
   config.training.async_checkpoints = True  # write checkpoints in the background
 
+  _add_run_sections(config)
+  return config
+
+
+def _add_run_sections(config: ml_collections.ConfigDict) -> None:
+  """The sections of :func:`base_config` about where and how the run executes (not what it learns)."""
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # data-parallel size; -1 = all devices left over
   config.mesh.fsdp = 1  # parameter-sharding (ZeRO-3) size
@@ -102,7 +108,6 @@ def base_config(model: str | None = None) -> ml_collections.ConfigDict:
   config.distributed.coordinator_address = ""  # "host:port" of process 0; "" = detect (TPU, Slurm, Open MPI)
   config.distributed.num_processes = 0  # processes in the job; 0 = detect
   config.distributed.process_id = -1  # this process's index; -1 = detect
-  return config
 
 
 def pretrained_config(source: str) -> ml_collections.ConfigDict:

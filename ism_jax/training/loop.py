@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from ism_jax import sharding
+from ism_jax.data.pipeline import Inputs
 from ism_jax.training import checkpointing, evaluation, flops, inputs, metrics, sample
 from ism_jax.training import config as config_lib
 from ism_jax.training import train_step as ts
@@ -188,6 +189,66 @@ def _pretrained_params(config, model_config, mesh):
   return graphdef, nnx.to_pure_dict(state)
 
 
+@dataclasses.dataclass
+class _Run:
+  """What the step loop works with, built once by :func:`train`."""
+
+  config: ml_collections.ConfigDict
+  model_config: Any
+  mesh: Any
+  data: Inputs
+  checkpointer: checkpointing.Checkpointer
+  fingerprint: dict
+  step_fn: Callable
+  eval_fn: Callable
+  schedule: Callable
+  writer: metrics.MetricsWriter
+  progress: metrics.Progress
+  peak: float | None
+
+
+def _check_mesh(config: ml_collections.ConfigDict, mesh) -> None:
+  rows, accum = config.training.global_batch_size, config.training.grad_accum_steps
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (rows // accum) % shards:
+    raise ValueError(f"each microbatch of training.global_batch_size / grad_accum_steps = {rows // accum} "
+                     f"rows must divide evenly over the mesh's data x fsdp = {shards} devices")
+
+
+def _open_workdir(config, workdir: str, tokenizer, fingerprint: dict, primary: bool):
+  """The checkpointer and the step to resume from (``None``: a new run), after the resume checks; only then
+  the tokenizer and config are written."""
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints,
+                                            config.training.async_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    checkpointing.check_resume(checkpointer.read_meta(latest), config, fingerprint, checkpointer.directory)
+  if primary:
+    checkpointing.install_tokenizer(workdir, tokenizer)
+    checkpointing.write_config(workdir, config)
+  return checkpointer, latest
+
+
+def _announce(run: _Run, start: int, workdir: str, state) -> None:
+  """The start message, a note when there is nothing left to train, and the step-0 evaluation (on every
+  process: it is a collective; messages print on process 0 only)."""
+  config, t = run.config, run.config.training
+  run.progress.message(
+      f"{'resuming from step ' + str(start) if start else 'starting'}: "
+      f"{run.model_config.num_params() / 1e6:.2f}M parameters, mask {run.model_config.mask!r}, mesh "
+      f"{dict(run.mesh.shape)}, {t.global_batch_size} rows x {config.data.seq_len} tokens per step, "
+      f"workdir {workdir}")
+  if start >= t.num_steps:
+    run.progress.message(f"the checkpoint at step {start} already reaches training.num_steps={t.num_steps}; "
+                         "raise --config.training.num_steps to train further")
+  if start == 0 and t.eval_every and run.data.eval_batches:  # the starting point of the eval curves
+    with jax.set_mesh(run.mesh):
+      initial = evaluation.evaluate(run.eval_fn, state.params, run.data.eval_batches, run.mesh)
+    run.writer.write(0, initial)
+    run.progress.message(f"step 0: {evaluation.summary(initial)}")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           after_step: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run in ``workdir``. Returns the last metrics record (with eval results).
@@ -203,100 +264,86 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   model_config = config_lib.model_config(config)
   primary = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  rows, accum = config.training.global_batch_size, config.training.grad_accum_steps
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if (rows // accum) % shards:
-    raise ValueError(f"each microbatch of training.global_batch_size / grad_accum_steps = {rows // accum} "
-                     f"rows must divide evenly over the mesh's data x fsdp = {shards} devices")
+  _check_mesh(config, mesh)
   data = inputs.prepare(config)
-  tokenizer = data.tokenizer
-  fingerprint = checkpointing.tokenizer_fingerprint(tokenizer)
-
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints,
-                                            config.training.async_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    checkpointing.check_resume(checkpointer.read_meta(latest), config, fingerprint, checkpointer.directory)
-  if primary:
-    checkpointing.install_tokenizer(workdir, tokenizer)
-    checkpointing.write_config(workdir, config)
+  fingerprint = checkpointing.tokenizer_fingerprint(data.tokenizer)
+  checkpointer, latest = _open_workdir(config, workdir, data.tokenizer, fingerprint, primary)
 
   optimizer, schedule = optimizer_from_config(config.optimizer, config.training.num_steps)
-  train_iter = data.train
   graphdef, state, shardings = _restore_or_init(config, model_config, mesh, optimizer, checkpointer, latest,
-                                                train_iter)
+                                                data.train)
   start = latest or 0
-  kind = model_config.mask
-  step_fn = ts.jit_train_step(ts.make_train_step(graphdef, optimizer, kind, accum), shardings, mesh)
-  eval_fn = ts.jit_eval_step(ts.make_eval_step(graphdef, evaluation.NUM_ROUNDS), shardings.params, mesh)
-  eval_batches = data.eval_batches
-
+  train_step = ts.make_train_step(graphdef, optimizer, model_config.mask, config.training.grad_accum_steps)
   writer = metrics.MetricsWriter(workdir, enabled=primary, tensorboard=config.metrics.tensorboard,
                                  resume_step=start)
-  progress = metrics.Progress(config.training.num_steps, start, enabled=primary)
-  peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_tflops_per_device)
-  if primary:
-    progress.message(
-        f"{'resuming from step ' + str(start) if start else 'starting'}: "
-        f"{model_config.num_params() / 1e6:.2f}M parameters, mask {kind!r}, mesh {dict(mesh.shape)}, "
-        f"{rows} rows x {config.data.seq_len} tokens per step, workdir {workdir}")
-  t = config.training
-  if start >= t.num_steps and primary:
-    progress.message(f"the checkpoint at step {start} already reaches training.num_steps={t.num_steps}; "
-                     "raise --config.training.num_steps to train further")
-  if start == 0 and t.eval_every and eval_batches:  # the starting point of the eval curves
-    with jax.set_mesh(mesh):
-      initial = evaluation.evaluate(eval_fn, state.params, eval_batches, mesh)
-    writer.write(0, initial)
-    progress.message(f"step 0: {evaluation.summary(initial)}")
-  window, saved, record, step = _Window(), latest, {}, start
+  run = _Run(
+      config=config, model_config=model_config, mesh=mesh, data=data, checkpointer=checkpointer,
+      fingerprint=fingerprint, step_fn=ts.jit_train_step(train_step, shardings, mesh),
+      eval_fn=ts.jit_eval_step(ts.make_eval_step(graphdef, evaluation.NUM_ROUNDS), shardings.params, mesh),
+      schedule=schedule, writer=writer, progress=metrics.Progress(config.training.num_steps, start,
+                                                                  enabled=primary),
+      peak=flops.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_tflops_per_device))
+  _announce(run, start, workdir, state)
   try:
-    with _StopSignal(checkpointer) as stop, jax.set_mesh(mesh):
-      for step in range(start + 1, t.num_steps + 1):
-        host_batch = next(train_iter)
-        inputs.check_batch(host_batch, kind)
-        state, step_metrics = step_fn(state, ts.device_batch(host_batch, mesh))
-        window.pending.append((step, step_metrics))
-        if step == start + 1:  # compile step: block so that throughput windows exclude it
-          jax.block_until_ready(step_metrics)
-          window.start_time = time.time()
-        else:
-          window.timed_steps += 1
-        stopping = stop.stopping(step)
-        last = step == t.num_steps or stopping
-        do_eval = step == t.num_steps or (t.eval_every and step % t.eval_every == 0)
-        do_save = last or step % t.checkpoint_every == 0
-        if last or do_eval or do_save or step % t.log_every == 0:
-          values = window.fetch(saved, checkpointer.directory)
-          seconds = time.time() - window.start_time
-          record = _record(values, seconds, window.timed_steps, model_config, peak, jax.device_count(),
-                           schedule)
-          if do_eval and eval_batches:
-            record.update(evaluation.evaluate(eval_fn, state.params, eval_batches, mesh))
-            progress.message(f"step {step}: {evaluation.summary(record)}")
-          writer.write(step, record)
-          progress.update(step, record["loss"], record["tokens_per_sec"], record["mfu"])
-          window = _Window(start_time=time.time())
-        if do_save:
-          meta = checkpointing.checkpoint_meta(step, config, fingerprint)
-          data_state = _IteratorSnapshot(train_iter.get_state())
-          checkpointer.save(step, state.params, state.opt_state, data_state, meta)
-          saved = step
-        if after_step is not None:
-          after_step(step)
-        if stopping:
-          progress.message(f"{stop.received} received: saved step {step} to {checkpointer.directory}; "
-                           "run the same command to resume")
-          break
+    state, step, record = _loop(run, state, start, latest, after_step)
   finally:
     checkpointer.wait()
     checkpointer.close()
-    writer.close()
-    progress.close()
-  if step == t.num_steps and config.sample.enabled and primary and jax.process_count() == 1:
+    run.writer.close()
+    run.progress.close()
+  if step == config.training.num_steps and config.sample.enabled and primary and jax.process_count() == 1:
     _print_sample(config, state, graphdef, data, writer_step=step)
   return {"step": step, **record}
+
+
+def _loop(run: _Run, state, start: int, latest: int | None, after_step):
+  """Steps ``start + 1 ... num_steps`` (or until a stop signal). Returns ``(state, last step, record)``."""
+  t, kind = run.config.training, run.model_config.mask
+  window, saved, record, step = _Window(), latest, {}, start
+  with _StopSignal(run.checkpointer) as stop, jax.set_mesh(run.mesh):
+    for step in range(start + 1, t.num_steps + 1):
+      host_batch = next(run.data.train)
+      inputs.check_batch(host_batch, kind)
+      state, step_metrics = run.step_fn(state, ts.device_batch(host_batch, run.mesh))
+      window.pending.append((step, step_metrics))
+      if step == start + 1:  # compile step: block so that throughput windows exclude it
+        jax.block_until_ready(step_metrics)
+        window.start_time = time.time()
+      else:
+        window.timed_steps += 1
+      stopping = stop.stopping(step)
+      last = step == t.num_steps or stopping
+      do_eval = step == t.num_steps or (t.eval_every and step % t.eval_every == 0)
+      do_save = last or step % t.checkpoint_every == 0
+      if last or do_eval or do_save or step % t.log_every == 0:
+        record = _write_record(run, window, step, state, saved, do_eval)
+        window = _Window(start_time=time.time())
+      if do_save:
+        meta = checkpointing.checkpoint_meta(step, run.config, run.fingerprint)
+        data_state = _IteratorSnapshot(run.data.train.get_state())
+        run.checkpointer.save(step, state.params, state.opt_state, data_state, meta)
+        saved = step
+      if after_step is not None:
+        after_step(step)
+      if stopping:
+        run.progress.message(f"{stop.received} received: saved step {step} to {run.checkpointer.directory}; "
+                             "run the same command to resume")
+        break
+  return state, step, record
+
+
+def _write_record(run: _Run, window: _Window, step: int, state, saved: int | None, do_eval: bool) -> dict:
+  """Fetches the window's metrics (stopping at a NaN/Inf), evaluates when due, and writes the record."""
+  values = window.fetch(saved, run.checkpointer.directory)
+  seconds = time.time() - window.start_time
+  record = _record(values, seconds, window.timed_steps, run.model_config, run.peak, jax.device_count(),
+                   run.schedule)
+  if do_eval and run.data.eval_batches:
+    record.update(evaluation.evaluate(run.eval_fn, state.params, run.data.eval_batches, run.mesh))
+    run.progress.message(f"step {step}: {evaluation.summary(record)}")
+  run.writer.write(step, record)
+  run.progress.update(step, record["loss"], record["tokens_per_sec"], record["mfu"])
+  return record
 
 
 def _print_sample(config, state, graphdef, data, writer_step: int) -> None:
