@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ism_jax import ModelConfig, SegmentType, Transformer, make_attention_ranges, sharding
+from ism_jax import (ModelConfig, SegmentType, Transformer, make_attention_mask, make_attention_ranges,
+                     sharding)
 from ism_jax.inference.cache import init_cache
 from ism_jax.inference.rewrites import fuse_projections, unstack_layers
 from ism_jax.masks import MaskRanges
@@ -33,6 +34,32 @@ def test_logits_shape_and_dtype(tiny_model, packed_batch):
   assert logits.shape == (4, 48, 64) and logits.dtype == jnp.float32
   # Positions default to restarting in each packed dialogue.
   np.testing.assert_allclose(tiny_model(b["tokens"], b["segment_types"], b["segment_ids"]), logits, atol=1e-6)
+
+
+# One packed row: dialogue 1 = two rounds, dialogue 2 = a round and a query, then padding.
+CAUSALITY_TYPES = [1, 1, 2, 2, 1, 1, 2,  1, 1, 2, 2, 1,  0, 0]
+CAUSALITY_IDS = [1, 1, 1, 1, 1, 1, 1,  2, 2, 2, 2, 2,  0, 0]
+
+
+@pytest.mark.parametrize("kind", ["ism", "causal", "prefix"])
+def test_each_position_depends_exactly_on_the_positions_its_mask_allows(tiny_model, kind):
+  """The Jacobian of each position's logits with respect to every input embedding is nonzero exactly where
+  ``make_attention_mask`` allows (through every layer: the masks are transitively closed)."""
+  types = jnp.asarray([CAUSALITY_TYPES], jnp.int32)
+  ids = jnp.asarray([CAUSALITY_IDS], jnp.int32)
+  length = types.shape[1]
+  tokens = jnp.arange(1, length + 1, dtype=jnp.int32)[None]  # distinct: embedding row tokens[s] is input s
+  graphdef, state = nnx.split(tiny_model)
+  params = nnx.to_pure_dict(state)
+  direction = jax.random.normal(jax.random.key(0), (tiny_model.config.vocab_size,))
+
+  def projected_logits(table_VD):  # [T]: each position's logits in one random direction
+    model = nnx.merge(graphdef, {**params, "embed": table_VD})
+    return model(tokens, types, ids, kind=kind)[0] @ direction
+
+  jacobian_TVD = jax.jacrev(projected_logits)(params["embed"])
+  depends_TT = (jnp.abs(jacobian_TVD[:, tokens[0]]).sum(-1) > 0)  # [query position, input position]
+  np.testing.assert_array_equal(depends_TT, make_attention_mask(types, ids, kind)[0])
 
 
 @pytest.mark.parametrize("kind, unchanged", [("ism", True), ("causal", True), ("prefix", False)])
