@@ -343,7 +343,7 @@ class Transformer(nnx.Module):
     """Logits ``[B, T, V]`` (float32) for a batch of (packed) dialogues.
 
     Args:
-      tokens, segment_types: ``[B, T]`` int arrays (DESIGN.md §2 data contract).
+      tokens, segment_types: ``[B, T]`` int arrays (docs/DESIGN.md §2 data contract).
       segment_ids: ``[B, T]`` dialogue ids for packed rows (0 = padding); ``None``: one dialogue per row.
       positions: ``[B, T]`` position within each dialogue; derived from ``segment_ids`` when ``None``.
       kind: mask kind, default ``config.mask``.

@@ -43,7 +43,8 @@ def test_unknown_fields_list_the_valid_ones():
   config.model.widht = 3
   with pytest.raises(ValueError, match=r"'model.widht'.*model.embed_dim"):
     config_lib.validate(config)
-  message = r"'trainin.steps'.*Valid sections: data, distributed, .*training.*top-level fields: init_from, seed"
+  message = (r"'trainin.steps'.*Valid sections: data, distributed, .*training.*top-level fields: "
+             "init_from, seed")
   with pytest.raises(ValueError, match=message):
     config_lib.check_overrides(config_lib.base_config(), ["--config.trainin.steps=3"])
   config_lib.check_overrides(config_lib.base_config(), ["--config.model.mask=causal", "--config.seed", "1"])

@@ -1,4 +1,4 @@
-"""From encoded dialogues to packed rows of the DESIGN.md §2 per-token arrays.
+"""From encoded dialogues to packed rows of the docs/DESIGN.md §2 per-token arrays.
 
 Steps, each a small function:
 

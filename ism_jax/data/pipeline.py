@@ -1,4 +1,4 @@
-"""The input pipeline: TFDS data source → grain → packed numpy batches of the DESIGN.md §2 arrays.
+"""The input pipeline: TFDS data source → grain → packed numpy batches of the docs/DESIGN.md §2 arrays.
 
 Training::
 

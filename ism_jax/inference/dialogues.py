@@ -1,6 +1,6 @@
 """A batch of independent token-level dialogues served round by round under one mask kind.
 
-Each row keeps its dialogue exactly as training lays it out (DESIGN.md §2): ``Q1 A1 Q2 A2 ...`` with
+Each row keeps its dialogue exactly as training lays it out (docs/DESIGN.md §2): ``Q1 A1 Q2 A2 ...`` with
 segment types QUERY/ANSWER, every answer ending with end of turn. How a round reaches the cache depends on
 the mask kind:
 

@@ -34,7 +34,8 @@ Serving latency at batch 1 is mostly fixed cost per step (host dispatch, kernel 
 engine serves the model unrolled and with fused projections (:func:`ism_jax.inference.rewrites.
 unstack_layers`, :func:`~ism_jax.inference.rewrites.fuse_projections`: the same network, fewer and larger
 kernels), sends a prefill's inputs in one transfer (:func:`~ism_jax.inference.steps.pack_chunks`), draws
-random keys on the device and has the step write the first token into host memory itself. docs/BENCHMARKS.md has the measurements.
+random keys on the device and has the step write the first token into host memory itself.
+docs/BENCHMARKS.md has the measurements.
 """
 
 from __future__ import annotations
