@@ -17,7 +17,7 @@ Layers, each usable alone (see docs/INFERENCE.md):
 """
 
 from ism_jax.inference.dialogues import DialogueBatch, PromptTooLongError, RoundResult
-from ism_jax.inference.engine import CacheFullError, Engine, Generation, bucket_lengths
+from ism_jax.inference.engine import CacheFullError, Chunk, Engine, Generation, bucket_lengths
 from ism_jax.inference.sampling import SamplingParams, sample
 
 _SESSION_NAMES = ("ChatBatch", "ChatSession")
@@ -35,6 +35,7 @@ __all__ = [
     "CacheFullError",
     "ChatBatch",
     "ChatSession",
+    "Chunk",
     "DialogueBatch",
     "Engine",
     "Generation",

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ism_jax.inference.engine import CacheFullError, Engine, Generation
+from ism_jax.inference.engine import CacheFullError, Chunk, Engine, Generation
 from ism_jax.inference.sampling import SamplingParams
 from ism_jax.masks import MASK_KINDS, SegmentType
 
@@ -97,15 +97,16 @@ class DialogueBatch:
     (:meth:`Engine.check_room`)."""
     self.engine.check_room(row, len(self._rows[row].tokens), new_tokens, error=PromptTooLongError)
 
-  def _chunk(self, row: _Row, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def _chunk(self, row: _Row, query: np.ndarray) -> Chunk:
+    """What the engine writes this round: the tokens not yet cached then the query, typed for the kind."""
     if self.kind == "prefix":
       tokens = np.concatenate([np.asarray(row.tokens, np.int32), query])
-      return tokens, np.full(tokens.shape, SegmentType.QUERY, np.int32)
+      return Chunk(tokens, np.full(tokens.shape, SegmentType.QUERY, np.int32))
     tokens = np.concatenate([np.asarray(row.tokens[row.cached:], np.int32), query])
     types = np.asarray(row.types[row.cached:] + [SegmentType.QUERY] * query.size, np.int32)
     if self.kind == "causal":
       types = np.full(types.shape, SegmentType.ANSWER, np.int32)
-    return tokens, types
+    return Chunk(tokens, types)
 
   def ask(self, queries: Sequence[Sequence[int] | None], *, max_new_tokens: int | Sequence[int] = 256,
           sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
@@ -122,28 +123,28 @@ class DialogueBatch:
     """
     if len(queries) != self.batch_size:
       raise ValueError(f"expected {self.batch_size} queries (one per row, None to skip), got {len(queries)}")
-    chunks = []
+    blocks: list[np.ndarray | None] = []
     for b, query in enumerate(queries):
-      if query is None:
-        chunks.append(None)
-        continue
-      query = np.asarray(query, np.int32).reshape(-1)
-      if query.size == 0:
-        raise ValueError(f"row {b}: empty query block; pass None to skip a row")
-      self.check_room(b, query.size)
-      chunks.append((self._chunk(self._rows[b], query), query))
+      if query is not None:
+        query = np.asarray(query, np.int32).reshape(-1)
+        if query.size == 0:
+          raise ValueError(f"row {b}: empty query block; pass None to skip a row")
+        self.check_room(b, query.size)
+      blocks.append(query)
+    chunks = [None if q is None else self._chunk(self._rows[b], q) for b, q in enumerate(blocks)]
     generation = self.engine.generate(
-        [None if c is None else c[0] for c in chunks], restart=self.kind == "prefix",
-        max_new_tokens=max_new_tokens, sampling=sampling, eot_id=self.eot_id, return_logits=return_logits)
-    self._record(chunks, generation)
+        chunks, restart=self.kind == "prefix", max_new_tokens=max_new_tokens, sampling=sampling,
+        eot_id=self.eot_id, return_logits=return_logits)
+    self._record(blocks, generation)
     return generation
 
-  def _record(self, chunks, generation: Generation) -> None:
+  def _record(self, blocks: list[np.ndarray | None], generation: Generation) -> None:
+    """Appends each row's query block and answer (with the end of turn training puts after it)."""
     fill = self.engine.fill
-    for b, chunk in enumerate(chunks):
-      if chunk is None:
+    for b, query in enumerate(blocks):
+      if query is None:
         continue
-      row, query, answer = self._rows[b], chunk[1], generation.answers[b]
+      row, answer = self._rows[b], generation.answers[b]
       row.tokens += query.tolist() + answer.tolist()
       row.types += [SegmentType.QUERY] * query.size + [SegmentType.ANSWER] * answer.size
       if self.eot_id is not None and answer[-1] != self.eot_id:  # the template's end of turn, as trained

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,23 @@ DEFAULT_DECODE_STEPS = 8
 
 
 ANSWER_SLOTS = 2  # room a chunk must leave in its row: the first answer token and the end of turn after it
+
+
+class Chunk(NamedTuple):
+  """Tokens to append to one row: ids and segment types (QUERY/ANSWER as the mask should treat them),
+  ``[T]`` int32 each. A plain ``(tokens, segment_types)`` tuple works too."""
+
+  tokens: np.ndarray
+  segment_types: np.ndarray
+
+
+class PrefillShape(NamedTuple):
+  """The static shape of one prefill program: chunk length ``T``, key window ``W``, and whether every row
+  starts at slot 0."""
+
+  length: int
+  window: int
+  from_start: bool
 
 
 class CacheFullError(ValueError):
@@ -266,7 +283,7 @@ class Engine:
     for b, chunk in enumerate(chunks):
       if chunk is None:
         continue
-      tokens, types = chunk
+      tokens, types = chunk.tokens, chunk.segment_types
       if tokens.ndim != 1 or tokens.shape != types.shape or tokens.size == 0:
         raise ValueError(f"row {b}: a chunk is two equal non-empty 1-D arrays (tokens, segment types), got "
                          f"shapes {tokens.shape} and {types.shape}")
@@ -284,9 +301,10 @@ class Engine:
       rows.append(b)
     if not rows:
       raise ValueError("generate needs at least one row with a chunk")
-    return _Plan(rows, starts, budgets, np.array([0 if c is None else c[0].size for c in chunks], np.int64))
+    lengths = np.array([0 if c is None else c.tokens.size for c in chunks], np.int64)
+    return _Plan(rows, starts, budgets, lengths)
 
-  def generate(self, chunks: Sequence[tuple[np.ndarray, np.ndarray] | None], *,
+  def generate(self, chunks: Sequence[Chunk | tuple[np.ndarray, np.ndarray] | None], *,
                restart: bool | Sequence[bool] = False, max_new_tokens: int | Sequence[int] = 256,
                sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
                eot_id: int | None = None, return_logits: bool = False) -> Generation:
@@ -306,7 +324,7 @@ class Engine:
       CacheFullError: a chunk does not fit (row state unchanged).
     """
     start_time = time.perf_counter()
-    chunks = [None if c is None else (np.asarray(c[0], np.int32), np.asarray(c[1], np.int32)) for c in chunks]
+    chunks = [None if c is None else Chunk(*(np.asarray(x, np.int32) for x in c)) for c in chunks]
     per_row = lambda x: [x] * self.batch_size if not isinstance(x, (list, tuple)) else list(x)
     restart, max_new_tokens, sampling = per_row(restart), per_row(max_new_tokens), per_row(sampling)
     plan = self._validate(chunks, restart, max_new_tokens)
@@ -363,7 +381,8 @@ class Engine:
     tokens_BT = np.zeros((self.batch_size, padded), np.int32)
     types_BT = np.full((self.batch_size, padded), SegmentType.PAD, np.int32)
     for b in plan.rows:
-      tokens_BT[b, :plan.lengths[b]], types_BT[b, :plan.lengths[b]] = chunks[b]
+      tokens_BT[b, :plan.lengths[b]] = chunks[b].tokens
+      types_BT[b, :plan.lengths[b]] = chunks[b].segment_types
     packed = pack_chunks(tokens_BT, types_BT, plan.starts, plan.lengths)
     return self._prefill_call(packed, sampling, window=window, from_start=from_start, all_greedy=all_greedy)
 
@@ -392,16 +411,16 @@ class Engine:
       return padded
     return key_window(self.config.attention_impl, max(padded, self.bucket(reach)), self.max_len)
 
-  def prefill_shapes(self, chunk_lengths: Sequence[int]) -> list[tuple[int, int, bool]]:
-    """Every ``(T, W, from_start)`` a chunk of one of these lengths can need (for :meth:`warmup`)."""
+  def prefill_shapes(self, chunk_lengths: Sequence[int]) -> list[PrefillShape]:
+    """Every prefill shape a chunk of one of these lengths can need (for :meth:`warmup`)."""
     shapes = set()
     for padded in {self.bucket(n) for n in chunk_lengths}:
-      shapes.add((padded, padded, True))
+      shapes.add(PrefillShape(padded, padded, True))
       windows = {key_window(self.config.attention_impl, w, self.max_len) for w in self.buckets if w >= padded}
-      shapes.update((padded, w, False) for w in windows)
+      shapes.update(PrefillShape(padded, w, False) for w in windows)
     return sorted(shapes)
 
-  def warmup(self, shapes: Sequence[tuple[int, int, bool]] | None = None, chunk_lengths: Sequence[int] = (),
+  def warmup(self, shapes: Sequence[PrefillShape] | None = None, chunk_lengths: Sequence[int] = (),
              modes: Sequence[str] = ("greedy", "sampled")) -> None:
     """Compiles the decode program and the prefill programs ``shapes`` (default: :meth:`prefill_shapes` of
     ``chunk_lengths``), for each sampling mode in ``modes`` (``"greedy"``: every row has temperature 0).
