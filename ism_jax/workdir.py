@@ -63,7 +63,7 @@ class Restored:
 
 def tokenizer_path(workdir: str) -> str:
   """The workdir's tokenizer: ``tokenizer.model``, or the ``hf_tokenizer`` folder of a run started from a
-  Hugging Face checkpoint. Raises ``FileNotFoundError`` naming the missing file."""
+  pretrained model (``init_from``). Raises ``FileNotFoundError`` naming the missing file."""
   path = os.path.join(workdir, TOKENIZER_FILE)
   if not os.path.isfile(path) and os.path.isdir(os.path.join(workdir, HF_TOKENIZER_DIR)):
     path = os.path.join(workdir, HF_TOKENIZER_DIR)
