@@ -34,7 +34,8 @@ import json
 import sys
 from typing import Any, Iterator, TextIO
 
-from ism_jax.data.dialogue import DataFormatError, Message, parse_openai_record, parse_sharegpt_record
+from ism_jax.data.dialogue import (DataFormatError, Message, jsonl_records, parse_openai_record,
+                                   parse_sharegpt_record, split_dialogue)
 from ism_jax.inference.dialogues import PromptTooLongError
 from ism_jax.inference.sampling import SamplingParams
 from ism_jax.masks import MASK_KINDS
@@ -85,30 +86,18 @@ def parse_conversation(record: Any, where: str, system: str | None) -> Conversat
                           f"(ShareGPT) field, found {sorted(record)}")
   if system and not any(m.role == "system" for m in messages):
     messages = [Message("system", system)] + messages
-  rounds, pending = [], []
-  for message in messages:
-    if message.is_query:
-      pending.append(message)
-    else:
-      rounds.append((pending, message.content))
-      pending = []
+  complete, pending = split_dialogue(messages)
   if not pending:
     raise DataFormatError(f"{where}: nothing to answer: the conversation does not end with a user, system or "
                           "tool message; append the query to answer, or use {\"turns\": [...]}")
-  rounds.append((pending, None))
+  rounds = [(list(r.query), r.answer.content) for r in complete] + [(list(pending), None)]
   extra = {k: v for k, v in record.items() if k not in (field, "system")}
   return Conversation(extra=extra, rounds=rounds)
 
 
 def read_conversations(stream: TextIO, name: str, system: str | None) -> Iterator[Conversation]:
-  for line_number, line in enumerate(stream, start=1):
-    if not line.strip():
-      continue
-    where = f"{name}:{line_number}"
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+  """The conversations of a JSONL stream, in order (errors name ``name:line``)."""
+  for where, record in jsonl_records(stream, name):
     yield parse_conversation(record, where, system)
 
 

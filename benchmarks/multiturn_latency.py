@@ -38,8 +38,9 @@ from flax import nnx
 from ism_jax.attention import attention
 from ism_jax.attention.xla import dense_attention
 from ism_jax.inference.dialogues import DialogueBatch
-from ism_jax.inference.engine import DEFAULT_DECODE_STEPS, Engine, chunk_ranges, compiled_counts, pack_chunks
-from ism_jax.masks import MaskRanges, SegmentType, make_attention_ranges
+from ism_jax.inference.engine import DEFAULT_DECODE_STEPS, Engine
+from ism_jax.inference.steps import compiled_counts, pack_chunks
+from ism_jax.masks import MaskRanges, SegmentType, chunk_ranges, make_attention_ranges
 from ism_jax.model import ModelConfig, Transformer
 
 KINDS = ("causal", "ism", "prefix")
@@ -127,6 +128,39 @@ def model_config(args) -> ModelConfig:
   return dataclasses.replace(config, attention_impl=impl)
 
 
+def queued_prefill(engine: Engine, dialogues: DialogueBatch, tokens, calls: int = 20) -> tuple[float, ...]:
+  """Seconds per cached 200-token prefill (at slot 4001) with ``calls`` steps queued back to back (the
+  device's time per step once host dispatch and the transfer of the first token overlap it), and of one
+  step alone: until the call returned and until its first token was on the host. ``tokens(n)`` draws ``n``
+  random token ids."""
+  dialogues.reset()
+  dialogues.ask([tokens(4000)], max_new_tokens=1)
+  start_B, length_B = engine.fill.astype(np.int32), np.array([200], np.int32)
+  padded = engine.bucket(200)
+  window = engine.prefill_window(padded, int(start_B[0]) + 200, from_start=False)
+  tokens_BT = np.zeros((1, padded), np.int32)
+  types_BT = np.zeros((1, padded), np.int32)
+  tokens_BT[0, :200], types_BT[0, :200] = tokens(200), SegmentType.QUERY
+  step = lambda: engine._prefill_call(  # pylint: disable=protected-access
+      pack_chunks(tokens_BT, types_BT, start_B, length_B), None, window=window, from_start=False,
+      all_greedy=True).first_on_host_B
+  first = step()
+  jax.block_until_ready(first)
+  single = []  # one step at a time: (call returned, first token on the host)
+  for _ in range(10):
+    start = time.perf_counter()
+    first = step()
+    dispatched = time.perf_counter()
+    np.asarray(first)
+    single.append((dispatched - start, time.perf_counter() - start))
+  start = time.perf_counter()
+  for _ in range(calls):
+    first = step()
+  jax.block_until_ready(first)
+  queued = (time.perf_counter() - start) / calls
+  return queued, statistics.median(s[0] for s in single), statistics.median(s[1] for s in single)
+
+
 def probe(args) -> None:
   """Quick timings (ms, median of ``--repeats`` x 4) of a long prefill from slot 0 (a prefix recompute), a
   short prefill after a long history (a cached round) and a decode step, to compare settings."""
@@ -146,41 +180,10 @@ def probe(args) -> None:
     return {"prefill 4000 from slot 0": long.ttft_s, "prefill 200 at slot 4001": short.ttft_s,
             "decode step": short.decode_s / short.decode_tokens}
 
-  def queued_prefill(calls: int = 20) -> float:
-    """Seconds per cached 200-token prefill (at slot 4001) with ``calls`` steps queued back to back: the
-    device's time per step once host dispatch and the transfer of the first token overlap it."""
-    dialogues.reset()
-    dialogues.ask([tokens(4000)], max_new_tokens=1)
-    start_B, length_B = engine.fill.astype(np.int32), np.array([200], np.int32)
-    padded = engine.bucket(200)
-    window = engine.prefill_window(padded, int(start_B[0]) + 200, from_start=False)
-    tokens_BT = np.zeros((1, padded), np.int32)
-    types_BT = np.zeros((1, padded), np.int32)
-    tokens_BT[0, :200], types_BT[0, :200] = tokens(200), SegmentType.QUERY
-    run, prefill = engine._run, engine._prefill_fn  # pylint: disable=protected-access
-    key = engine._put(jax.random.key(0))  # committed like the engine's own inputs: no extra compile
-    step = lambda: run(prefill, engine.cache, pack_chunks(tokens_BT, types_BT, start_B, length_B), key, None,
-                       window=window, from_start=False, all_greedy=True)
-    engine.cache, _, first, *_ = step()
-    jax.block_until_ready(first)
-    single = []  # one step at a time: (call returned, first token on the host)
-    for _ in range(10):
-      start = time.perf_counter()
-      engine.cache, _, first, *_ = step()
-      dispatched = time.perf_counter()
-      np.asarray(first)
-      single.append((dispatched - start, time.perf_counter() - start))
-    start = time.perf_counter()
-    for _ in range(calls):
-      engine.cache, _, first, *_ = step()
-    jax.block_until_ready(first)
-    queued = (time.perf_counter() - start) / calls
-    return queued, statistics.median(s[0] for s in single), statistics.median(s[1] for s in single)
-
   one_pass()  # compiles
   compiled = time.perf_counter() - start
   passes = [one_pass() for _ in range(4 * args.repeats)]
-  queued = [queued_prefill() for _ in range(3)]
+  queued = [queued_prefill(engine, dialogues, tokens) for _ in range(3)]
   summary = ", ".join(f"{k}: {1e3 * statistics.median(p[k] for p in passes):.2f}" for k in passes[0])
   names = ("queued", "step alone: dispatch", "step alone: first token on host")
   summary += "".join(f", prefill 200 at slot 4001 {name}: {1e3 * statistics.median(q[i] for q in queued):.2f}"

@@ -32,8 +32,6 @@ def get_config():
   config.training.checkpoint_every = 15  # a checkpoint every 15 steps (and at the end)
   config.training.keep_checkpoints = 1  # the newest checkpoint only (each is ~1.6 GB with Adam state)
 
-  config.metrics.peak_tflops_per_device = 0.0  # CPU: MFU is not reported
-
   config.sample.rounds = 3  # the closing chat: three rounds of a validation dialogue
   config.sample.max_answer_tokens = 40  # answer length limit
   return config

@@ -17,7 +17,6 @@ def get_config():
 
   config.data.seq_len = 2048  # tokens per packed row (whole chitchat dialogues fit)
   config.data.num_threads = 8  # reader threads (tokenization)
-  config.data.eval_max_dialogues = 0  # the whole validation split
 
   config.optimizer.learning_rate = 5e-5  # peak learning rate for full fine-tuning
   config.optimizer.warmup_steps = 20  # linear warmup steps

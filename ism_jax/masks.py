@@ -243,6 +243,34 @@ def make_attention_ranges(segment_types, segment_ids=None, kind: str = "ism") ->
   return MaskRanges(k_lo=k_lo, k_hi=k_hi, q_lo=q_lo, q_hi=q_hi)
 
 
+def chunk_ranges(types_BT: jax.Array, start_B: jax.Array, from_start: bool) -> MaskRanges:
+  """Mask ranges of a chunk written into a KV cache at slots ``start_B[b] + t``, in slot coordinates.
+
+  ``types_BT`` are the mask-effective segment types (:func:`effective_segment_types`) with padding (``PAD``)
+  at the end of each row; the cache before ``start_B[b]`` holds the row's earlier tokens. With
+  ``from_start`` every row with tokens starts at slot 0 and keys are the chunk itself, so the full range
+  form (``q_lo``/``q_hi`` too, which the differentiable kernels take) is that of the chunk. Otherwise real
+  tokens see ``[0, start + chunk-local k_hi)`` and padding tokens repeat the last real token's range (a row
+  without tokens sees slot 0), so ``k_hi`` stays non-decreasing along the chunk as kernel tile bounds need;
+  padding rows are never read.
+
+  Returns:
+    ``MaskRanges``, ``[B, T]`` int32 arrays (``k_lo, k_hi`` only unless ``from_start``).
+  """
+  ranges = make_attention_ranges(types_BT)
+  if from_start:
+    return ranges
+  real_BT = types_BT != SegmentType.PAD
+  k_hi_BT = jax.lax.cummax(jnp.where(real_BT, ranges.k_hi + start_B[:, None], 1), axis=1)
+  return MaskRanges(k_lo=jnp.zeros_like(k_hi_BT), k_hi=k_hi_BT)
+
+
+def decode_ranges(fill_B: jax.Array) -> MaskRanges:
+  """Mask ranges ``[B, 1]`` of one new token per row written at slot ``fill_B[b]``: it sees ``[0, fill + 1)``
+  (an answer token is causal; everything earlier in the cache is its own dialogue)."""
+  return MaskRanges(k_lo=jnp.zeros_like(fill_B)[:, None], k_hi=fill_B[:, None] + 1)
+
+
 def make_attention_mask(segment_types, segment_ids=None, kind: str = "ism") -> jax.Array:
   """The dense ``[B, T, T]`` boolean mask (query, key) of ``kind``: the oracle and CPU reference.
 
@@ -305,6 +333,28 @@ def _where(array: np.ndarray) -> str:
   return f"row {row}, position {col}"
 
 
+def _check_contiguous(ids: np.ndarray, derived: bool) -> None:
+  """Raises unless each dialogue is one contiguous run of its row (padding may sit anywhere); ``derived``:
+  the ids were derived from the segment types (no ``segment_ids`` given)."""
+  for row in range(ids.shape[0]):
+    run_ids = ids[row][np.concatenate([[True], ids[row, 1:] != ids[row, :-1]])]
+    run_ids = run_ids[run_ids != 0]
+    unique, counts = np.unique(run_ids, return_counts=True)
+    if (counts > 1).any():
+      repeated = unique[counts > 1][0]
+      cols = np.flatnonzero(ids[row] == repeated)
+      resumes = cols[np.flatnonzero(np.diff(cols) > 1)[0] + 1]
+      if derived:
+        raise ValueError(
+            f"segment_types[row {row}]: padding splits the row's tokens (they resume at position "
+            f"{resumes}); without segment_ids a row holds one dialogue, so pass segment_ids for packed rows"
+        )
+      raise ValueError(
+          f"segment_ids[row {row}]: dialogue {repeated} is not one contiguous run (it resumes at position "
+          f"{resumes}); pack each dialogue as one run"
+      )
+
+
 def validate_segments(segment_types, segment_ids=None, loss_mask=None, kind: str = "ism") -> None:
   """Checks the values of a batch's per-token arrays; raises ``ValueError`` naming array and position.
 
@@ -340,24 +390,7 @@ def validate_segments(segment_types, segment_ids=None, loss_mask=None, kind: str
           f"segment_ids and segment_types disagree at {_where(mismatch)}: padding must have segment id 0 "
           "and type PAD together"
       )
-  # Each dialogue must be one contiguous run of its row (padding may sit anywhere).
-  for row in range(ids.shape[0]):
-    run_ids = ids[row][np.concatenate([[True], ids[row, 1:] != ids[row, :-1]])]
-    run_ids = run_ids[run_ids != 0]
-    unique, counts = np.unique(run_ids, return_counts=True)
-    if (counts > 1).any():
-      repeated = unique[counts > 1][0]
-      cols = np.flatnonzero(ids[row] == repeated)
-      resumes = cols[np.flatnonzero(np.diff(cols) > 1)[0] + 1]
-      if segment_ids is None:
-        raise ValueError(
-            f"segment_types[row {row}]: padding splits the row's tokens (they resume at position "
-            f"{resumes}); without segment_ids a row holds one dialogue, so pass segment_ids for packed rows"
-        )
-      raise ValueError(
-          f"segment_ids[row {row}]: dialogue {repeated} is not one contiguous run (it resumes at position "
-          f"{resumes}); pack each dialogue as one run"
-      )
+  _check_contiguous(ids, derived=segment_ids is None)
   if loss_mask is not None:
     leaks = np.asarray(_leaks(jnp.asarray(types), jnp.asarray(ids), jnp.asarray(loss_mask), kind))
     if leaks.any():

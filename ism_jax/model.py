@@ -19,8 +19,7 @@ writes a KV cache for multi-turn inference.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -38,12 +37,25 @@ from ism_jax.masks import (
 )
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Named model sizes for ModelConfig.preset: width, depth and heads (vocabulary, dtypes and the rest stay the
+# config's own). Parameters with a 32k untied vocabulary: 1m 9M (1.0M with 2k tied), 250m 0.25B, 1b 0.98B,
+# 3b 3.0B.
+PRESETS = {
+    "1m": dict(embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384),
+    "250m": dict(embed_dim=1024, num_layers=16, num_heads=16, num_kv_heads=8, head_dim=64, mlp_dim=2816),
+    "1b": dict(embed_dim=2048, num_layers=18, num_heads=16, num_kv_heads=8, head_dim=128, mlp_dim=5632),
+    "3b": dict(embed_dim=3072, num_layers=28, num_heads=24, num_kv_heads=8, head_dim=128, mlp_dim=8192),
+}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of a :class:`Transformer`. Defaults give a small Llama-style model."""
+
+  # Fields that change how the network runs but not its parameters: a checkpoint may be resumed or served
+  # with other values of these.
+  RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("attention_impl", "remat_policy", "compute_dtype")
 
   vocab_size: int = 32_000
   embed_dim: int = 512  # model width D
@@ -95,6 +107,22 @@ class ModelConfig:
         problems.append(f"{field}={getattr(self, field)} must be positive")
     if problems:
       raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+  @classmethod
+  def from_dict(cls, values) -> "ModelConfig":
+    """A config from a mapping (a run config's ``model`` section, saved JSON); unknown fields are refused."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+      raise ValueError(f"unknown model config fields {unknown}; valid fields of model: {', '.join(names)}")
+    return cls(**dict(values))
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "ModelConfig":
+    """The named size of :data:`PRESETS` (``"1m"``, ``"250m"``, ``"1b"``, ``"3b"``) plus ``overrides``."""
+    if name not in PRESETS:
+      raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+    return cls(**{**PRESETS[name], **overrides})
 
   @classmethod
   def tiny(cls, **overrides) -> "ModelConfig":
@@ -315,7 +343,7 @@ class Transformer(nnx.Module):
     """Logits ``[B, T, V]`` (float32) for a batch of (packed) dialogues.
 
     Args:
-      tokens, segment_types: ``[B, T]`` int arrays (DESIGN.md §2 data contract).
+      tokens, segment_types: ``[B, T]`` int arrays (docs/DESIGN.md §2 data contract).
       segment_ids: ``[B, T]`` dialogue ids for packed rows (0 = padding); ``None``: one dialogue per row.
       positions: ``[B, T]`` position within each dialogue; derived from ``segment_ids`` when ``None``.
       kind: mask kind, default ``config.mask``.
@@ -346,7 +374,7 @@ class Transformer(nnx.Module):
     else:
       new_cache = []
       for i, block in enumerate(self.blocks):
-        run = _remat(functools.partial(_call_block, block), self.config.remat_policy)
+        run = _remat(block.__call__, self.config.remat_policy)
         x_BTD, layer_cache = run(x_BTD, positions_BT, ranges, None if cache is None else cache[i],
                                  write_index_B)
         new_cache.append(layer_cache)
@@ -367,17 +395,12 @@ class Transformer(nnx.Module):
 
     def body(x, layer):
       layer_state, layer_cache = layer
-      y, new_cache = _call_block(nnx.merge(graphdef, layer_state), x, positions_BT, ranges, layer_cache,
-                                 write_index_B)
-      return y, new_cache
+      block = nnx.merge(graphdef, layer_state)
+      return block(x, positions_BT, ranges, layer_cache, write_index_B)
 
     body = _remat(body, self.config.remat_policy)
     x_BTD, cache = jax.lax.scan(body, x_BTD, (state, cache))
     return x_BTD, cache
-
-
-def _call_block(block: Block, x, positions, ranges, cache, write_index):
-  return block(x, positions, ranges, cache, write_index)
 
 
 def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -390,76 +413,3 @@ def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
     return Block(config, rngs=rngs)
 
   return create(rngs)
-
-
-def _rebuild(model: Transformer, config: ModelConfig, value_of) -> Transformer:
-  """A model of ``config`` whose parameter at each path is ``value_of(path, flat)``, where ``flat`` maps the
-  paths of ``model``'s parameters to their values; placed by the rules table when those are on a mesh."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
-  flat = {path: variable[...] for path, variable in nnx.to_flat_state(nnx.state(model))}
-  mesh = getattr(next(iter(flat.values())).sharding, "mesh", None)
-
-  def place(variable, value):
-    if mesh is not None and not mesh.empty:
-      spec = sharding.logical_to_spec(variable.logical_axes, value.shape, dict(mesh.shape))
-      value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
-    return variable.replace(value)
-
-  new = [(path, place(variable, value_of(path, flat))) for path, variable in nnx.to_flat_state(abstract)]
-  return nnx.merge(graphdef, nnx.from_flat_state(new))
-
-
-def unstack_layers(model: Transformer) -> Transformer:
-  """The same network with scanned layers turned into a list of blocks (returned as is when not scanned).
-
-  Serving prefers unrolled layers: a scanned step runs as a device-side loop whose every iteration slices
-  its weights out of the stacked arrays and launches its kernels one by one, while an unrolled step is one
-  straight sequence of kernels that the compiler can fuse across layers and capture as a CUDA graph. The
-  parameters are copied (layer ``i`` of every stacked ``[L, ...]`` array).
-  """
-  if not model.config.scan_layers:
-    return model
-
-  def layer_value(path, flat):
-    if path[0] == "blocks":  # ("blocks", i, *rest) <- ("blocks", *rest)[i]
-      return flat[("blocks", *path[2:])][path[1]]
-    return flat[path]
-
-  return _rebuild(model, dataclasses.replace(model.config, scan_layers=False), layer_value)
-
-
-def fuse_projections(model: Transformer) -> Transformer:
-  """The same network with ``fused_projections``: q/k/v weights (and biases) concatenated per KV head into
-  ``qkv_proj [..., D, K, G + 2, Dh]`` and gate/up stacked into ``gate_up_proj [..., D, 2, M]`` (copies).
-
-  One matmul instead of three, and one instead of two, run faster for the short chunks of serving and
-  halve the kernel launches of the projections. Returned as is when already fused.
-  """
-  if model.config.fused_projections:
-    return model
-  kv_heads = model.config.num_kv_heads
-
-  def grouped(q, k, v):  # q [..., H, Dh], k and v [..., K, Dh] -> [..., K, G + 2, Dh]
-    q = q.reshape(*q.shape[:-2], kv_heads, -1, q.shape[-1])
-    return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
-
-  def fused_value(path, flat):
-    *module, name = path
-    parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "qkv_bias": ("q_bias", "k_bias", "v_bias")}
-    if name in parts:
-      return grouped(*(flat[(*module, part)] for part in parts[name]))
-    if name == "gate_up_proj":
-      return jnp.stack([flat[(*module, "gate_proj")], flat[(*module, "up_proj")]], axis=-2)
-    return flat[path]
-
-  return _rebuild(model, dataclasses.replace(model.config, fused_projections=True), fused_value)
-
-
-def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype: Any = None):
-  """A zeroed KV cache: a list of :class:`LayerCache` (or one stacked on a leading axis when scanned)."""
-  dtype = config.dtype if dtype is None else dtype
-  shape = (batch_size, cache_len, config.num_kv_heads, config.head_dim)
-  if config.scan_layers:
-    shape = (config.num_layers, *shape)
-    return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-  return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]

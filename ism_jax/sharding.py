@@ -16,7 +16,8 @@ length      None                  sequences are not split
 ==========  ====================  ==========================================================
 
 A mesh axis that does not divide a dimension is dropped for that array (e.g. 2 KV heads on tensor=4 stay
-replicated), so every config runs on every mesh.
+replicated), so every config runs on every mesh; for parameters and the KV cache this is logged once, as a
+warning naming each array, its shape and the mesh axis.
 
 The same code runs on 1 CPU, on 8 simulated CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``), on a GPU host, on a TPU slice, and multi-host after
@@ -25,11 +26,10 @@ The same code runs on 1 CPU, on 8 simulated CPU devices
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
+import logging
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -54,18 +54,7 @@ DEFAULT_RULES: Rules = (
     ("act_embed", None),
 )
 
-_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar("ism_jax_sharding_rules",
-                                                               default=DEFAULT_RULES)
-
-
-@contextlib.contextmanager
-def use_rules(rules: Rules) -> Iterator[None]:
-  """Temporarily replaces the logical-axis rules table."""
-  token = _RULES.set(tuple(rules))
-  try:
-    yield
-  finally:
-    _RULES.reset(token)
+_log = logging.getLogger(__name__)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
@@ -106,9 +95,16 @@ def logical_to_spec(logical_axes: LogicalAxes, shape: Sequence[int] | None = Non
   With ``shape`` and ``mesh_shape`` given, mesh axes that do not divide their dimension are dropped, and a
   mesh axis is used at most once per array.
   """
-  rules = _RULES.get() if rules is None else rules
+  return spec_with_drops(logical_axes, shape, mesh_shape, rules)[0]
+
+
+def spec_with_drops(logical_axes: LogicalAxes, shape: Sequence[int] | None, mesh_shape: dict[str, int] | None,
+                    rules: Rules | None = None) -> tuple[PartitionSpec, list[str]]:
+  """The spec of :func:`logical_to_spec` and, for each mesh axis dropped because it does not divide its
+  dimension, a phrase like ``"kv_heads (dim 1 of size 2) on tensor=4"``."""
+  rules = DEFAULT_RULES if rules is None else rules
   used: set[str] = set()
-  spec = []
+  spec, drops = [], []
   for dim, name in enumerate(logical_axes):
     axes = []
     size = 1
@@ -117,12 +113,26 @@ def logical_to_spec(logical_axes: LogicalAxes, shape: Sequence[int] | None = Non
       if axis in used or axis_size == 1:
         continue
       if shape is not None and shape[dim] % (size * axis_size):
+        drops.append(f"{name} (dim {dim} of size {shape[dim]}) on {axis}={axis_size}")
         continue
       axes.append(axis)
       size *= axis_size
     used.update(axes)
     spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
-  return PartitionSpec(*spec)
+  return PartitionSpec(*spec), drops
+
+
+def warn_replicated(what: str, drops: list[tuple[str, tuple[int, ...], list[str]]]) -> None:
+  """Logs once, as one warning, the arrays that stay replicated along mesh axes that do not divide them.
+
+  ``drops`` holds ``(array name, shape, phrases)`` with phrases from :func:`spec_with_drops`; nothing is
+  logged when no array lost an axis.
+  """
+  lost = [(name, shape, phrases) for name, shape, phrases in drops if phrases]
+  if lost:
+    lines = "; ".join(f"{name} {tuple(shape)}: {', '.join(phrases)}" for name, shape, phrases in lost)
+    _log.warning("%s: %d arrays are replicated along mesh axes that do not divide them (memory is not "
+                 "split there): %s", what, len(lost), lines)
 
 
 def _current_mesh():
@@ -140,19 +150,37 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
 
 def variable_spec(variable: nnx.Variable, mesh: Mesh) -> PartitionSpec:
   """The ``PartitionSpec`` of one NNX variable from its ``logical_axes`` metadata (replicated if none)."""
+  return _variablespec_with_drops(variable, mesh)[0]
+
+
+def _variablespec_with_drops(variable: nnx.Variable, mesh: Mesh) -> tuple[PartitionSpec, list[str]]:
   axes = variable.get_metadata().get("logical_axes")
   if axes is None:
-    return PartitionSpec()
-  return logical_to_spec(axes, variable.shape, dict(mesh.shape))
+    return PartitionSpec(), []
+  return spec_with_drops(axes, variable.shape, dict(mesh.shape), None)
+
+
+def _path_name(path) -> str:
+  """``blocks.0.attn.k_proj`` for a tree path of dict keys and sequence indices."""
+  return ".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-  """A tree like ``state`` of ``NamedSharding``s, from each variable's logical axes."""
-  return jax.tree.map(
-      lambda v: NamedSharding(mesh, variable_spec(v, mesh)),
-      state,
-      is_leaf=lambda x: isinstance(x, nnx.Variable),
-  )
+  """A tree like ``state`` of ``NamedSharding``s, from each variable's logical axes.
+
+  Parameters that stay replicated along a mesh axis that does not divide them are logged (one warning).
+  """
+  drops = []
+
+  def sharding_of(path, variable):
+    spec, phrases = _variablespec_with_drops(variable, mesh)
+    drops.append((_path_name(path), variable.shape, phrases))
+    return NamedSharding(mesh, spec)
+
+  shardings = jax.tree_util.tree_map_with_path(sharding_of, state,
+                                               is_leaf=lambda x: isinstance(x, nnx.Variable))
+  warn_replicated(f"parameters on mesh {dict(mesh.shape)}", drops)
+  return shardings
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -38,7 +38,7 @@ def fit(model: Transformer, batch: dict, learning_rate: float, steps: int):
 
 def stack_layers(unscanned: Transformer, scanned: Transformer) -> None:
   """Copies an unscanned model's parameters into a scanned one (layers stacked on axis 0): the inverse of
-  :func:`ism_jax.model.unstack_layers`, in place."""
+  :func:`ism_jax.inference.rewrites.unstack_layers`, in place."""
   layers = [nnx.state(block, nnx.Param) for block in unscanned.blocks]
   nnx.update(scanned.blocks, jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
   for name in ("embed", "lm_head"):

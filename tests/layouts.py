@@ -1,6 +1,6 @@
 """Random multi-turn layouts and a brute-force mask oracle, shared by the tests.
 
-The oracle is written from the definitions in DESIGN.md §2 with plain loops, independently of
+The oracle is written from the definitions in docs/DESIGN.md §1-§2 with plain loops, independently of
 ``ism_jax.masks``, so the library's two formulations (block counter and ranges) are checked against a third.
 """
 

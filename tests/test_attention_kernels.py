@@ -21,8 +21,7 @@ from ism_jax.attention import attention as dispatch_attention
 from ism_jax.attention import pallas_gpu, pallas_tpu, resolve_impl, tiles
 from ism_jax.attention.gpu_common import GpuTuning
 from ism_jax.attention.xla import dense_attention
-from ism_jax.inference.engine import chunk_ranges
-from ism_jax.masks import MaskRanges, make_attention_mask, make_attention_ranges
+from ism_jax.masks import MaskRanges, chunk_ranges, make_attention_mask, make_attention_ranges
 from tests import layouts
 
 PAD, QUERY, ANSWER = layouts.PAD, layouts.QUERY, layouts.ANSWER

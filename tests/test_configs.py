@@ -1,6 +1,7 @@
 """Run configs: every shipped config is valid, unknown fields are refused with the valid ones listed."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def test_unknown_fields_list_the_valid_ones():
   config.model.widht = 3
   with pytest.raises(ValueError, match=r"'model.widht'.*model.embed_dim"):
     config_lib.validate(config)
-  message = r"'trainin.steps'.*Valid sections: data, debug, .*training.*top-level fields: init_from, seed"
+  message = (r"'trainin.steps'.*Valid sections: data, distributed, .*training.*top-level fields: "
+             "init_from, seed")
   with pytest.raises(ValueError, match=message):
     config_lib.check_overrides(config_lib.base_config(), ["--config.trainin.steps=3"])
   config_lib.check_overrides(config_lib.base_config(), ["--config.model.mask=causal", "--config.seed", "1"])
@@ -84,3 +86,13 @@ def test_cli_refuses_an_unknown_field():
   assert result.returncode == 2
   assert "unknown config field 'model.layers'" in result.stderr and "model.num_layers" in result.stderr
   assert not os.path.exists("/nonexistent/never_written")
+
+
+def test_model_presets_and_configs_saved_by_older_runs():
+  assert config_lib.base_config(model="1b").model.embed_dim == 2048
+  assert config_lib.base_config(model="1m").model.vocab_size == config_lib.base_config().model.vocab_size
+  with pytest.raises(ValueError, match="unknown model preset 'huge'; presets: 1m, 250m, 1b, 3b"):
+    config_lib.base_config(model="huge")
+  saved = json.loads(config_lib.base_config().to_json())
+  saved["debug"] = {"kill_at_step": 0}  # a section that older runs wrote and the schema dropped
+  assert config_lib.from_json_dict(saved).to_dict() == config_lib.base_config().to_dict()

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from ism_jax import sharding
 from ism_jax.convert import (HFConversionError, hf_config_from_model, load_hf_model, load_hf_tokenizer,
                              model_config_from_hf, save_hf_model)
-from ism_jax.convert.hf_chat import template_default_system
+from ism_jax.data.hf_chat import template_default_system
 from ism_jax.convert.safetensors_io import INDEX_FILE, CheckpointReader
 from ism_jax.data import chat_template
 from ism_jax.data.dialogue import Message

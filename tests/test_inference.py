@@ -20,9 +20,10 @@ from ism_jax.inference import (
     sample,
 )
 from ism_jax.inference import cache as cache_lib
-from ism_jax.inference import engine as engine_lib
+from ism_jax.inference import steps as steps_lib
 from ism_jax.inference.sampling import filter_logits
 from tests import fitting
+from tests.compiles import compile_events
 
 MAX_LEN = 128
 EOT = 3
@@ -187,11 +188,10 @@ def test_prompt_longer_than_the_cache_fails_before_any_work(model, full_forward)
   dialogues.ask([_random_query(rng), _random_query(rng)], max_new_tokens=3)
   tokens, fill = [dialogues.tokens(b) for b in range(2)], dialogues.engine.fill
   cache = jax.tree.map(np.asarray, dialogues.engine.cache)
-  traces = sum(engine_lib.TRACE_COUNTS.values())
   too_long = r"row 1: the dialogue so far \(\d+ tokens\) \+ 125 new tokens"
-  with pytest.raises(PromptTooLongError, match=too_long):
+  with compile_events() as events, pytest.raises(PromptTooLongError, match=too_long):
     dialogues.ask([_random_query(rng), np.full(125, 9)])
-  assert sum(engine_lib.TRACE_COUNTS.values()) == traces
+  assert events.traces() == 0
   np.testing.assert_array_equal(dialogues.engine.fill, fill)
   for b in range(2):
     np.testing.assert_array_equal(dialogues.tokens(b), tokens[b])
@@ -199,7 +199,7 @@ def test_prompt_longer_than_the_cache_fails_before_any_work(model, full_forward)
   # The sessions carry on exactly.
   result = dialogues.ask([_random_query(rng), _random_query(rng)], max_new_tokens=3, return_logits=True)
   assert max(_answer_logits_error(dialogues, result, b, full_forward) for b in range(2)) <= 1e-5
-  with pytest.raises(CacheFullError, match="row 0: 0 cached tokens \\+ a chunk of 127 tokens"):
+  with pytest.raises(CacheFullError, match=r"row 0: the dialogue so far \(0 tokens\) \+ 127 new tokens"):
     Engine(model, batch_size=2, max_len=MAX_LEN).generate(
         [(np.full(127, 9), np.ones(127)), None])
 
@@ -211,20 +211,22 @@ def test_no_recompilation_across_tokens_rounds_and_sampling_settings(model):
   dialogues = _batch(model, "ism")
   shapes = dialogues.engine.prefill_shapes([20])  # chunks of up to 32 tokens
   assert shapes == [(32, 32, False), (32, 32, True), (32, 64, False), (32, 128, False)]
-  before = dict(engine_lib.TRACE_COUNTS)  # other tests may have compiled some of these already
-  dialogues.engine.warmup(shapes)  # greedy and sampled programs
-  traces, compiled = dict(engine_lib.TRACE_COUNTS), engine_lib.compiled_counts()
-  assert all(traces[name] - before.get(name, 0) <= 1 for name in traces)
-  for greedy in (True, False):
-    assert {engine_lib.prefill_name(*shape, all_greedy=greedy) for shape in shapes} <= set(traces)
-  steps = dialogues.engine.decode_steps
-  assert {engine_lib.decode_name(steps), engine_lib.decode_name(steps, all_greedy=False)} <= set(traces)
+  before = steps_lib.compiled_counts()  # other tests may have compiled some of these already
+  with compile_events() as warm:
+    dialogues.engine.warmup(shapes)  # greedy and sampled programs
+  compiled = steps_lib.compiled_counts()
+  assert compiled["prefill"] >= 2 * len(shapes) and compiled["decode"] >= 2
+  assert warm.compiles("_prefill_step") == compiled["prefill"] - before["prefill"] <= 2 * len(shapes)
+  assert warm.compiles("_decode_steps") == compiled["decode"] - before["decode"] <= 2
+  with compile_events() as again:
+    dialogues.engine.warmup(shapes)  # every program of these shapes and modes exists now
+  assert again.traces("_prefill_step") == again.traces("_decode_steps") == 0
   settings = [SamplingParams(), SamplingParams(temperature=0.8, top_k=5), SamplingParams(0.5, top_p=0.9)]
   for round_index in range(7):  # the dialogues grow through every key window
     dialogues.ask([_random_query(rng, 4, 10), _random_query(rng, 4, 10)], max_new_tokens=[6, 2],
                   sampling=settings[round_index % 3])
   assert dialogues.engine.fill.max() > 64
-  assert dict(engine_lib.TRACE_COUNTS) == traces and engine_lib.compiled_counts() == compiled
+  assert steps_lib.compiled_counts() == compiled
 
 
 def test_buckets():

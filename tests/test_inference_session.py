@@ -12,12 +12,12 @@ from flax import nnx
 
 import chat
 from ism_jax import ModelConfig, Transformer
+from ism_jax import workdir as workdir_lib
 from ism_jax.data.chat_template import encode_dialogue, encode_query_block
 from ism_jax.data.dialogue import Message
 from ism_jax.data.tokenizer import ChatTokenizer
 from ism_jax.inference import ChatBatch, ChatSession, PromptTooLongError, SamplingParams
 from ism_jax.masks import SegmentType
-from ism_jax.training import checkpointing
 from ism_jax.training import config as config_lib
 
 MAX_LEN = 128
@@ -40,13 +40,13 @@ def model(tokenizer):
 def workdir(tmp_path_factory, model, tokenizer):
   """A training workdir as ism_jax.training.checkpointing lays it out: tokenizer.model + one checkpoint."""
   path = str(tmp_path_factory.mktemp("run"))
-  tokenizer.save(os.path.join(path, checkpointing.TOKENIZER_FILE))
+  tokenizer.save(os.path.join(path, workdir_lib.TOKENIZER_FILE))
   run_config = config_lib.base_config()
   run_config.model.update({k: getattr(model.config, k) for k in run_config.model})
   run_config.data.seq_len = MAX_LEN
   meta = {"step": 1, "config": json.loads(run_config.to_json())}
-  manager = ocp.CheckpointManager(os.path.join(path, checkpointing.CHECKPOINT_DIR),
-                                  item_names=checkpointing.ITEMS)
+  manager = ocp.CheckpointManager(os.path.join(path, workdir_lib.CHECKPOINT_DIR),
+                                  item_names=workdir_lib.ITEMS)
   params = nnx.to_pure_dict(nnx.state(model))
   manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
   manager.wait_until_finished()
@@ -120,7 +120,7 @@ def test_load_errors_name_the_missing_file(tmp_path, workdir):
     ChatSession.load(missing)
   no_tokenizer = tmp_path / "run"  # a checkpoint without its tokenizer
   no_tokenizer.mkdir()
-  os.symlink(os.path.join(workdir, checkpointing.CHECKPOINT_DIR), no_tokenizer / checkpointing.CHECKPOINT_DIR)
+  os.symlink(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR), no_tokenizer / workdir_lib.CHECKPOINT_DIR)
   with pytest.raises(FileNotFoundError, match=f"{no_tokenizer}/tokenizer.model is missing"):
     ChatSession.load(str(no_tokenizer))
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ism_jax import ModelConfig, SegmentType, Transformer, make_attention_ranges, sharding
+from ism_jax import (ModelConfig, SegmentType, Transformer, make_attention_mask, make_attention_ranges,
+                     sharding)
+from ism_jax.inference.cache import init_cache
+from ism_jax.inference.rewrites import fuse_projections, unstack_layers
 from ism_jax.masks import MaskRanges
-from ism_jax.model import init_cache
 from tests import fitting, layouts
 
 
@@ -32,6 +34,32 @@ def test_logits_shape_and_dtype(tiny_model, packed_batch):
   assert logits.shape == (4, 48, 64) and logits.dtype == jnp.float32
   # Positions default to restarting in each packed dialogue.
   np.testing.assert_allclose(tiny_model(b["tokens"], b["segment_types"], b["segment_ids"]), logits, atol=1e-6)
+
+
+# One packed row: dialogue 1 = two rounds, dialogue 2 = a round and a query, then padding.
+CAUSALITY_TYPES = [1, 1, 2, 2, 1, 1, 2,  1, 1, 2, 2, 1,  0, 0]
+CAUSALITY_IDS = [1, 1, 1, 1, 1, 1, 1,  2, 2, 2, 2, 2,  0, 0]
+
+
+@pytest.mark.parametrize("kind", ["ism", "causal", "prefix"])
+def test_each_position_depends_exactly_on_the_positions_its_mask_allows(tiny_model, kind):
+  """The Jacobian of each position's logits with respect to every input embedding is nonzero exactly where
+  ``make_attention_mask`` allows (through every layer: the masks are transitively closed)."""
+  types = jnp.asarray([CAUSALITY_TYPES], jnp.int32)
+  ids = jnp.asarray([CAUSALITY_IDS], jnp.int32)
+  length = types.shape[1]
+  tokens = jnp.arange(1, length + 1, dtype=jnp.int32)[None]  # distinct: embedding row tokens[s] is input s
+  graphdef, state = nnx.split(tiny_model)
+  params = nnx.to_pure_dict(state)
+  direction = jax.random.normal(jax.random.key(0), (tiny_model.config.vocab_size,))
+
+  def projected_logits(table_VD):  # [T]: each position's logits in one random direction
+    model = nnx.merge(graphdef, {**params, "embed": table_VD})
+    return model(tokens, types, ids, kind=kind)[0] @ direction
+
+  jacobian_TVD = jax.jacrev(projected_logits)(params["embed"])
+  depends_TT = (jnp.abs(jacobian_TVD[:, tokens[0]]).sum(-1) > 0)  # [query position, input position]
+  np.testing.assert_array_equal(depends_TT, make_attention_mask(types, ids, kind)[0])
 
 
 @pytest.mark.parametrize("kind, unchanged", [("ism", True), ("causal", True), ("prefix", False)])
@@ -83,8 +111,6 @@ def test_scanned_layers_give_the_same_logits(tiny_model, packed_batch, remat_pol
 def test_serving_transforms_keep_the_network(packed_batch):
   """unstack_layers and fuse_projections (as the inference engine applies them) give the same logits, with
   QKV biases and GQA, on one device and placed by the rules table on a mesh."""
-  from ism_jax.model import fuse_projections, unstack_layers  # pylint: disable=import-outside-toplevel
-
   config = ModelConfig.tiny(scan_layers=True, qkv_bias=True)
   model = Transformer(config, rngs=nnx.Rngs(4))
   for name in ("q_bias", "k_bias", "v_bias"):  # zeros at init: make them count
@@ -120,6 +146,20 @@ def test_sharded_on_8_devices_matches_one_device(packed_batch):
     sharded = jax.device_put(batch, sharding.batch_sharding(mesh))
     loss = jax.jit(lambda s, b: fitting.answer_loss(nnx.merge(graphdef, s), b))(state, sharded)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+
+
+def test_undivided_sharding_rules_are_logged_once(caplog):
+  """2 KV heads cannot split over tensor=4: the k/v projections stay replicated, and one warning says so."""
+  mesh = sharding.make_mesh(data=2, fsdp=1, tensor=4)
+  abstract = nnx.eval_shape(lambda: Transformer(ModelConfig.tiny(scan_layers=True), rngs=nnx.Rngs(0)))
+  with caplog.at_level("WARNING", logger="ism_jax.sharding"):
+    shardings = sharding.state_shardings(nnx.state(abstract), mesh)
+  assert shardings["blocks"]["attn"]["k_proj"].spec == jax.sharding.PartitionSpec(None, None, None, None)
+  assert shardings["blocks"]["attn"]["q_proj"].spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+  warnings = [r.getMessage() for r in caplog.records]
+  assert len(warnings) == 1, warnings
+  assert "blocks.attn.k_proj (2, 32, 2, 8): kv_heads (dim 2 of size 2) on tensor=4" in warnings[0]
+  assert "blocks.attn.v_proj" in warnings[0] and "q_proj" not in warnings[0]
 
 
 def test_mesh_errors_name_the_sizes():

@@ -19,6 +19,8 @@ import pytest
 from flax import nnx
 
 from ism_jax import ModelConfig, SegmentType, Transformer, make_attention_mask, sharding
+from ism_jax import workdir as workdir_lib
+from ism_jax.data import pipeline
 from ism_jax.data.tokenizer import ChatTokenizer
 from ism_jax.training import checkpointing, flops, inputs, loop, metrics, sample
 from ism_jax.training import config as config_lib
@@ -82,43 +84,59 @@ def test_loss_falls_and_metrics_are_written(reference_run):
   assert all(r["tokens_per_sec"] > 0 for r in records[2:] if "loss" in r)
   assert record["step"] == STEPS and record["eval/loss"] == evals[-1]["eval/loss"]
   assert os.listdir(os.path.join(workdir, metrics.TENSORBOARD_DIR))
-  assert os.path.isfile(os.path.join(workdir, checkpointing.TOKENIZER_FILE))
-  assert json.load(open(os.path.join(workdir, checkpointing.CONFIG_FILE)))["model"]["mask"] == "ism"
-  names = os.listdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))
+  assert os.path.isfile(os.path.join(workdir, workdir_lib.TOKENIZER_FILE))
+  assert json.load(open(os.path.join(workdir, workdir_lib.CONFIG_FILE)))["model"]["mask"] == "ism"
+  names = os.listdir(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR))
   steps = sorted(int(s) for s in names if s.isdigit())
   assert steps == [3, 6, 9, 10]
 
 
 def test_restore_for_inference_gives_the_trained_model(reference_run, data_dir):
   workdir = reference_run[0]
-  run_config, model, tokenizer_path = checkpointing.restore_for_inference(workdir)
+  restored = workdir_lib.restore(workdir)
+  run_config, model, tokenizer_path = restored.run_config, restored.model, restored.tokenizer_path
   assert run_config.training.num_steps == STEPS and tokenizer_path.endswith("tokenizer.model")
-  _, earlier, _ = checkpointing.restore_for_inference(workdir, step=CHECKPOINT_EVERY)
+  earlier = workdir_lib.restore(workdir, step=CHECKPOINT_EVERY).model
   batch = layouts.random_packed_batch(np.random.default_rng(0), batch=2, length=24)
   logits = model(batch["tokens"], batch["segment_types"], batch["segment_ids"])
   earlier_logits = earlier(batch["tokens"], batch["segment_types"], batch["segment_ids"])
   assert float(jnp.abs(logits - earlier_logits).max()) > 0
   # The sample chat runs on the restored model under every mask kind.
-  dialogue = inputs.sample_dialogues(inputs.pipeline_config(tiny_config(data_dir)), 1)[0]
-  tokenizer = ChatTokenizer.load(tokenizer_path)
+  dialogue = pipeline.read_dialogues(inputs.pipeline_config(tiny_config(data_dir)), "validation", 1)[0]
+  assert isinstance(restored.tokenizer, ChatTokenizer)
   for kind in ("ism", "prefix"):  # prefix re-runs the history every round, ism reuses the cache
-    chat = sample.GreedyChat(model, tokenizer, max_len=128, kind=kind)
-    assert isinstance(chat.reply(dialogue[:1], max_answer_tokens=4), str)
+    turns = sample.sample_chat(model, restored.tokenizer, dialogue, rounds=1, max_answer_tokens=4,
+                               max_len=128, kind=kind)
+    assert len(turns) == 1 and isinstance(turns[0][1], str)
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    checkpointing.restore_for_inference(os.path.join(workdir, "nope"))
+    workdir_lib.restore(os.path.join(workdir, "nope"))
   with pytest.raises(FileNotFoundError, match=r"checkpoints/7; available steps: \[3, 6, 9, 10\]"):
-    checkpointing.restore_for_inference(workdir, step=7)
+    workdir_lib.restore(workdir, step=7)
+
+
+# A training process that SIGKILLs itself after step 5, once the checkpoint of step 3 is on disk.
+_KILLED_RUN = """
+import os, signal, sys, time
+from ism_jax.training import loop
+from tests.test_training import tiny_config
+
+data_dir, workdir = sys.argv[1:]
+
+def kill_after_step_5(step):
+  if step == 5:
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", "3")):  # written asynchronously
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+loop.train(tiny_config(data_dir), workdir, after_step=kill_after_step_5)
+"""
 
 
 def test_resume_after_kill_9_reproduces_the_losses(reference_run, data_dir, tmp_path):
   """A run killed with SIGKILL after step 5 (checkpoint at 3) resumes from 3 and matches step for step."""
-  config_file = tmp_path / "tiny.py"
-  config_file.write_text(f"from tests.test_training import tiny_config\n\n\ndef get_config():\n"
-                         f"  return tiny_config({data_dir!r})\n")
   workdir = str(tmp_path / "run")
-  killed = subprocess.run(
-      [sys.executable, "train.py", f"--config={config_file}", f"--workdir={workdir}",
-       "--config.debug.kill_at_step=5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, data_dir, workdir], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert max(_train_losses(metrics.read_metrics(workdir))) == 5
   assert checkpointing.Checkpointer(workdir).latest_step() == 3
@@ -153,14 +171,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
   bad_step = int(error.value.args[0].split(" at step ")[1].split(";")[0])
   assert bad_step > 1
   assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == bad_step - 1
-  _, model, _ = checkpointing.restore_for_inference(str(tmp_path))
+  model = workdir_lib.restore(str(tmp_path)).model
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(nnx.state(model)))
 
 
 def test_mismatched_tokenizer_or_vocab_is_refused_before_training(reference_run, data_dir, tmp_path):
   workdir = str(tmp_path / "copy")
   shutil.copytree(reference_run[0], workdir)
-  before = sorted(os.listdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)))
+  before = sorted(os.listdir(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)))
   other = ChatTokenizer.train(["a different corpus " * 3, "with other words entirely"] * 50, vocab_size=310,
                               model_path=str(tmp_path / "other.model"))
   config = tiny_config(data_dir)
@@ -171,9 +189,9 @@ def test_mismatched_tokenizer_or_vocab_is_refused_before_training(reference_run,
   config.model.vocab_size = 384
   with pytest.raises(checkpointing.CheckpointMismatchError, match="vocab_size: checkpoint 320, now 384"):
     loop.train(config, workdir)
-  assert sorted(os.listdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))) == before
-  with open(os.path.join(workdir, checkpointing.TOKENIZER_FILE), "rb") as f:
-    assert f.read() == open(os.path.join(reference_run[0], checkpointing.TOKENIZER_FILE), "rb").read()
+  assert sorted(os.listdir(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR))) == before
+  with open(os.path.join(workdir, workdir_lib.TOKENIZER_FILE), "rb") as f:
+    assert f.read() == open(os.path.join(reference_run[0], workdir_lib.TOKENIZER_FILE), "rb").read()
 
 
 def test_loss_on_a_visible_target_is_refused():
@@ -288,8 +306,9 @@ def test_init_from_starts_from_the_checkpoint_weights(data_dir, tmp_path):
   config.sample.enabled = False
   workdir = str(tmp_path)
   loop.train(config, workdir)
-  _, model, tokenizer_path = checkpointing.restore_for_inference(workdir)
-  assert tokenizer_path == os.path.join(workdir, checkpointing.HF_TOKENIZER_DIR)
+  restored = workdir_lib.restore(workdir)
+  model, tokenizer_path = restored.model, restored.tokenizer_path
+  assert tokenizer_path == os.path.join(workdir, workdir_lib.HF_TOKENIZER_DIR)
   assert "tokenizer.json" in os.listdir(tokenizer_path)
   _, reference = load_hf_model(config.init_from, scan_layers=True)
   for got, want in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(reference))):

@@ -35,6 +35,7 @@ from ism_jax.convert import load_pretrained  # noqa: E402
 from ism_jax.data import packing, pipeline  # noqa: E402
 from ism_jax.inference.session import ChatBatch  # noqa: E402
 from ism_jax.training import checkpointing, inputs, loop, metrics  # noqa: E402
+from ism_jax.workdir import restore  # noqa: E402
 
 
 def _write_json(path: str, value) -> None:
@@ -88,7 +89,7 @@ def _train_and_score(protocol, arm, seed, length, steps, rows, args, context) ->
   if loop.train(config, workdir)["step"] < steps:  # SIGTERM or Ctrl-C: a checkpoint was saved; stop here
     return None
   wall = time.time() - start
-  _, model, _ = checkpointing.restore_for_inference(workdir)
+  model = restore(workdir).model
   kind = protocol.mask(arm)
   result = {"arm": arm, "mask": kind, "seed": seed, "length": length, "steps": steps, "rows": rows,
             "seq_len": protocol.seq_len, "wall_seconds": wall, "device": jax.devices()[0].device_kind,
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   protocol = SMOKE if args.smoke else FULL
   config = run_config(protocol, "ism", protocol.seeds[0], 1, protocol.rows, args.data_dir)
-  pipe, tokenizer = inputs.prepare(config)
+  pipe, tokenizer = inputs.pipeline_config(config), inputs.prepare(config).tokenizer
   dialogues = _validation_dialogues(protocol, pipe, tokenizer)
   probe_path = os.path.join(args.out, "recall.jsonl")
   if not os.path.exists(probe_path):

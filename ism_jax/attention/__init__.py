@@ -55,6 +55,16 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
+def key_window(impl: str, visible: int, available: int) -> int:
+  """How many of ``available`` cached keys to hand :func:`attention` when no query sees past key ``visible``.
+
+  The dense XLA paths pay for every key they are given, so they get the first ``visible`` only. The
+  forward-only GPU kernel reads only the keys below each query's ``k_hi`` and shares them out among its key
+  splits, so it takes all ``available`` keys (one program for every fill of the cache).
+  """
+  return available if resolve_impl(impl) == "pallas_gpu" else visible
+
+
 def _implementation(impl: str) -> Callable:
   if impl == "xla":
     return dense_attention
@@ -116,5 +126,6 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: M
 
 
 __all__ = [
-    "IMPLEMENTATIONS", "attention", "chunked_attention", "dense_attention", "per_device", "resolve_impl",
+    "IMPLEMENTATIONS", "attention", "chunked_attention", "dense_attention", "key_window", "per_device",
+    "resolve_impl",
 ]

@@ -142,6 +142,56 @@ def key_split_length(rows: int, kv_heads: int, batch: int, keys: int, tuning: Gp
   return max(_MIN_SPLIT_TILES, -(-key_tiles // splits)) * tuning.block_kv
 
 
+def _grouped_rows(q_BTHD, ranges: MaskRanges, kv_heads: int, keys: int, split_rows: int, padded_dim: int):
+  """Queries as rows ``(t, g)``: the group's query heads of one KV head, ``[B, R, K, D]`` padded to
+  ``split_rows`` rows and ``padded_dim``; the key ranges ``[B, R]`` repeated per head and clipped to
+  ``[0, keys]`` (still non-decreasing; padding rows repeat the last range)."""
+  batch, length, heads, head_dim = q_BTHD.shape
+  group = heads // kv_heads
+  q_BRKD = q_BTHD.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 1, 3, 2, 4)
+  q_BRKD = q_BRKD.reshape(batch, length * group, kv_heads, head_dim)
+  q_BRKD = tiles.pad_axis(tiles.pad_axis(q_BRKD, 1, split_rows), 3, padded_dim)
+  k_lo_BR = jnp.repeat(jnp.clip(ranges.k_lo.astype(jnp.int32), 0, keys), group, axis=1)
+  k_hi_BR = jnp.repeat(jnp.clip(ranges.k_hi.astype(jnp.int32), 0, keys), group, axis=1)
+  k_lo_BR, k_hi_BR = tiles.pad_rows_repeating_last(k_lo_BR, k_hi_BR, split_rows)
+  return q_BRKD, k_lo_BR, k_hi_BR
+
+
+def _split_ranges(k_lo_BR, k_hi_BR, num_splits: int, block_kv: int, padded_keys: int):
+  """Per key split ``n`` the rows' key ranges clipped to the split, and whether a row sees a key in it.
+
+  The splits share out each batch row's filled keys, ``[0, its largest k_hi)``, not the whole key axis: in a
+  half-empty cache every split still has work. Split ``n`` of row ``b`` covers keys ``[first, last)``, whole
+  key tiles; its rows' ranges are clipped to it and kept non-empty (one key at its edge, so that every CTA
+  has a tile to walk).
+
+  Returns:
+    ``(lo_BNR, hi_BNR, seen_BNR)``, ``[B, num_splits, R]`` each (``seen`` bool).
+  """
+  reach_B11 = jnp.max(k_hi_BR, axis=1)[:, None, None]
+  span_B11 = jnp.maximum(-(-reach_B11 // (num_splits * block_kv)), 1) * block_kv
+  first_BN1 = jnp.minimum(jnp.arange(num_splits, dtype=jnp.int32)[None, :, None] * span_B11, padded_keys - 1)
+  last_BN1 = jnp.minimum(first_BN1 + span_B11, padded_keys)
+  lo_BNR = jnp.clip(k_lo_BR[:, None], first_BN1, last_BN1 - 1)
+  hi_BNR = jnp.clip(k_hi_BR[:, None], first_BN1 + 1, last_BN1)
+  seen_BNR = jnp.minimum(k_hi_BR[:, None], last_BN1) > jnp.maximum(k_lo_BR[:, None], first_BN1)
+  return lo_BNR, hi_BNR, seen_BNR
+
+
+def _merge_splits(out_BNRKD, lse_BKNR, seen_BNRK) -> jax.Array:
+  """The key splits' partial outputs ``[B, N, R, K, D]`` merged by their log-sum-exp (base 2) ``[B, K, N, R]``
+  into ``[B, R, K, D]``; splits where a row sees no key count for nothing (zeros when it sees none)."""
+  if out_BNRKD.shape[1] == 1:
+    return jnp.where(seen_BNRK[..., None], out_BNRKD, 0)[:, 0]
+  lse_BNRK = jnp.where(seen_BNRK, lse_BKNR.transpose(0, 2, 3, 1), -jnp.inf)
+  top_BRK = jnp.max(lse_BNRK, axis=1)
+  top_BRK = jnp.where(jnp.isfinite(top_BRK), top_BRK, 0.0)
+  weight_BNRK = jnp.exp2(lse_BNRK - top_BRK[:, None])  # 0 for splits the row has no key in
+  total_BRK = jnp.sum(weight_BNRK, axis=1)
+  merged = jnp.sum(weight_BNRK[..., None] * out_BNRKD.astype(jnp.float32), axis=1)
+  return merged / jnp.maximum(total_BRK, jnp.finfo(jnp.float32).tiny)[..., None]
+
+
 def attention_forward(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: MaskRanges, *,
                       scale: float | None = None, tuning: GpuTuning = GpuTuning(),
                       key_split: int | None = None, interpret: bool = False) -> jax.Array:
@@ -180,56 +230,28 @@ def attention_forward(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, r
   compute_dtype = jnp.bfloat16 if jnp.dtype(out_dtype) == jnp.float32 and not interpret else out_dtype
   if keys % tuning.block_kv and keys % 64 == 0:
     tuning = dataclasses.replace(tuning, block_kv=64)
-  block_kv, cta_rows = tuning.block_kv, COMPUTE_WGS * tuning.block_q
-  rows = length * group
-  split_rows = -(-rows // cta_rows) * cta_rows
+  block_kv, rows = tuning.block_kv, length * group
+  split_rows = -(-rows // (COMPUTE_WGS * tuning.block_q)) * (COMPUTE_WGS * tuning.block_q)  # whole CTAs
   padded_keys = -(-keys // block_kv) * block_kv
   padded_dim = -(-head_dim // _HEAD_DIM_MULTIPLE) * _HEAD_DIM_MULTIPLE
   split = key_split_length(rows, kv_heads, batch, keys, tuning) if key_split is None else key_split
   split = min(-(-split // block_kv) * block_kv, padded_keys)
   num_splits = -(-padded_keys // split)
 
-  # Rows (t, g): the group's query heads of one KV head, ranges repeated per head (still non-decreasing).
-  q_BRKD = q_BTHD.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 1, 3, 2, 4)
-  q_BRKD = q_BRKD.reshape(batch, rows, kv_heads, head_dim).astype(compute_dtype)
-  q_BRKD = tiles.pad_axis(tiles.pad_axis(q_BRKD, 1, split_rows), 3, padded_dim)
-  k_lo_BR = jnp.repeat(jnp.clip(ranges.k_lo.astype(jnp.int32), 0, keys), group, axis=1)
-  k_hi_BR = jnp.repeat(jnp.clip(ranges.k_hi.astype(jnp.int32), 0, keys), group, axis=1)
-  k_lo_BR, k_hi_BR = tiles.pad_rows_repeating_last(k_lo_BR, k_hi_BR, split_rows)
-  # The splits share out each batch row's filled keys, [0, its largest k_hi), not the whole key axis: in a
-  # half-empty cache every split still has work. Split n of row b covers keys [first, last), whole key tiles;
-  # its rows' ranges are clipped to it and kept non-empty (one key at its edge, so that every CTA has a tile
-  # to walk); `seen` marks the rows with a true key in the split.
-  reach_B11 = jnp.max(k_hi_BR, axis=1)[:, None, None]
-  span_B11 = jnp.maximum(-(-reach_B11 // (num_splits * block_kv)), 1) * block_kv
-  first_BN1 = jnp.minimum(jnp.arange(num_splits, dtype=jnp.int32)[None, :, None] * span_B11, padded_keys - 1)
-  last_BN1 = jnp.minimum(first_BN1 + span_B11, padded_keys)
-  lo_BNR = jnp.clip(k_lo_BR[:, None], first_BN1, last_BN1 - 1)
-  hi_BNR = jnp.clip(k_hi_BR[:, None], first_BN1 + 1, last_BN1)
-  seen_BNR = jnp.minimum(k_hi_BR[:, None], last_BN1) > jnp.maximum(k_lo_BR[:, None], first_BN1)
+  q_BRKD, k_lo_BR, k_hi_BR = _grouped_rows(q_BTHD.astype(compute_dtype), ranges, kv_heads, keys, split_rows,
+                                           padded_dim)
+  lo_BNR, hi_BNR, seen_BNR = _split_ranges(k_lo_BR, k_hi_BR, num_splits, block_kv, padded_keys)
   q_all = jnp.broadcast_to(q_BRKD[:, None], (batch, num_splits, *q_BRKD.shape[1:]))
   q_all = q_all.reshape(batch, num_splits * split_rows, kv_heads, padded_dim)
-
-  def prepare_kv(x):
-    return tiles.pad_axis(tiles.pad_axis(x.astype(compute_dtype), 1, padded_keys), 3, padded_dim)
-
+  prepare_kv = lambda x: tiles.pad_axis(tiles.pad_axis(x.astype(compute_dtype), 1, padded_keys), 3,
+                                        padded_dim)
   out, lse = _forward_only(q_all, prepare_kv(k_BSKD), prepare_kv(v_BSKD), lo_BNR.reshape(batch, -1),
                            hi_BNR.reshape(batch, -1), scale, tuning, interpret)
   out_BNRKD = out.reshape(batch, num_splits, split_rows, kv_heads, padded_dim)[:, :, :rows, :, :head_dim]
-  seen_BNRK = seen_BNR[:, :, :rows, None]
-  if num_splits == 1:
-    out_BRKD = jnp.where(seen_BNRK[..., None], out_BNRKD, 0)[:, 0]
-  else:
-    lse_BNRK = lse.reshape(batch, kv_heads, num_splits, split_rows)[..., :rows].transpose(0, 2, 3, 1)
-    lse_BNRK = jnp.where(seen_BNRK, lse_BNRK, -jnp.inf)
-    top_BRK = jnp.max(lse_BNRK, axis=1)
-    top_BRK = jnp.where(jnp.isfinite(top_BRK), top_BRK, 0.0)
-    weight_BNRK = jnp.exp2(lse_BNRK - top_BRK[:, None])  # 0 for splits the row has no key in
-    total_BRK = jnp.sum(weight_BNRK, axis=1)
-    merged = jnp.sum(weight_BNRK[..., None] * out_BNRKD.astype(jnp.float32), axis=1)
-    out_BRKD = merged / jnp.maximum(total_BRK, jnp.finfo(jnp.float32).tiny)[..., None]
-  out_BTHD = out_BRKD.reshape(batch, length, group, kv_heads, head_dim).transpose(0, 1, 3, 2, 4)
-  return out_BTHD.reshape(batch, length, heads, head_dim).astype(out_dtype)
+  lse_BKNR = lse.reshape(batch, kv_heads, num_splits, split_rows)[..., :rows]
+  out_BRKD = _merge_splits(out_BNRKD, lse_BKNR, seen_BNR[:, :, :rows, None])
+  out_BTGKD = out_BRKD.reshape(batch, length, group, kv_heads, head_dim)
+  return out_BTGKD.transpose(0, 1, 3, 2, 4).reshape(batch, length, heads, head_dim).astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))

@@ -12,13 +12,14 @@ See docs/HF.md.
 
 from ism_jax.convert.gguf_file import GGUFFormatError
 from ism_jax.convert.gguf_tokenizer import load_gguf_tokenizer
-from ism_jax.convert.hf_chat import ChatMLFormat, HFChatTokenizer, Llama3Format, load_hf_tokenizer
 from ism_jax.convert.hf_config import (ARCHITECTURES, HFConversionError, hf_config_from_model,
                                        model_config_from_hf)
-from ism_jax.convert.hf_tokenizer import HFTokenizer
 from ism_jax.convert.hf_weights import load_hf_model, load_weights, save_hf_model
 from ism_jax.convert.pretrained import (load_gguf_model, load_pretrained, load_pretrained_tokenizer,
                                         pretrained_model_config, smollm2_path)
+# The Hugging Face tokenizer and its chat formats live with the other tokenizers, in ism_jax.data.
+from ism_jax.data.hf_chat import ChatMLFormat, HFChatTokenizer, Llama3Format, load_hf_tokenizer
+from ism_jax.data.hf_tokenizer import HFTokenizer
 
 __all__ = [
     "ARCHITECTURES",

@@ -12,7 +12,7 @@ it from the directory.
 
 Pre-tokenizers follow llama.cpp's ``tokenizer.ggml.pre`` types (the regexes the vocabularies were trained
 with; SmolLM2's ``"smollm"`` splits digits one by one before GPT-2's split). Control tokens become special
-tokens, which :class:`~ism_jax.convert.hf_tokenizer.HFTokenizer` never produces from text.
+tokens, which :class:`~ism_jax.data.hf_tokenizer.HFTokenizer` never produces from text.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import tempfile
 
 from ism_jax.convert import gguf_file
 from ism_jax.convert.gguf_file import GGUFFormatError
-from ism_jax.convert.hf_chat import HFChatTokenizer, load_hf_tokenizer
+from ism_jax.data.hf_chat import HFChatTokenizer, load_hf_tokenizer
 
 CACHE_ENV = "ISM_JAX_CACHE"
 FILES = ("tokenizer.json", "tokenizer_config.json")  # what a GGUF tokenizer is written as

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from ism_jax.convert import hf_config
 from ism_jax.convert.gguf_file import GGUFCheckpoint, GGUFFormatError, gguf_hf_config, is_gguf
 from ism_jax.convert.gguf_tokenizer import load_gguf_tokenizer
-from ism_jax.convert.hf_chat import HFChatTokenizer, load_hf_tokenizer
+from ism_jax.data.hf_chat import HFChatTokenizer, load_hf_tokenizer
 from ism_jax.convert.hf_weights import load_from_reader, load_hf_model
 from ism_jax.model import ModelConfig, Transformer
 

@@ -41,7 +41,7 @@ from typing import Iterable, Mapping, Sequence
 import tensorflow_datasets as tfds
 
 from ism_jax.data import synthetic
-from ism_jax.data.dialogue import Message, ROLES
+from ism_jax.data.dialogue import Message, ROLES, trainable_problem
 
 SPLITS = ("train", "validation")
 VERSION = "1.0.0"
@@ -142,7 +142,7 @@ def chitchat_dialogues(path: str | None = None) -> Iterable[tuple[str, list[Mess
         continue
       role = "user" if turn[0]["sender"] == opener else "assistant"
       messages.append(Message(role, "\n".join(line["text"] for line in turn)))
-    if any(m.role == "assistant" for m in messages):
+    if trainable_problem(messages) is None:
       yield conversation_id, messages
 
 

@@ -20,7 +20,7 @@ and decodes until :func:`stop_token_id`; concatenating query blocks and answers 
 reproduces :func:`encode_dialogue` exactly.
 
 A tokenizer may carry its own chat format (a Hugging Face checkpoint's, see
-:class:`ism_jax.convert.hf_chat.HFChatTokenizer`): when it has methods ``encode_query_block``,
+:class:`ism_jax.data.hf_chat.HFChatTokenizer`): when it has methods ``encode_query_block``,
 ``encode_answer`` and ``stop_token_id``, the functions here hand over to them, so the pipeline, training and
 inference use that format with the same query/answer split.
 """
@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ism_jax.data.dialogue import Message, split_rounds
+from ism_jax.data.dialogue import Message, check_query_block, split_rounds
 from ism_jax.data.tokenizer import ChatTokenizer
 from ism_jax.masks import SegmentType
 
@@ -86,10 +86,9 @@ def encode_query_block(tokenizer: ChatTokenizer, messages: Sequence[Message], *,
   """
   if hasattr(tokenizer, "encode_query_block"):
     return tokenizer.encode_query_block(messages, first=first)
+  check_query_block(messages)
   tokens = [tokenizer.bos_id] if first else []
   for message in messages:
-    if not message.is_query:
-      raise ValueError(f"a query block holds system/user/tool messages only, got role {message.role!r}")
     tokens += _message_tokens(tokenizer, message)
   return tokens + [tokenizer.role_ids["assistant"]]
 

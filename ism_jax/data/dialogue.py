@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence, TextIO
 
 QUERY_ROLES = ("system", "user", "tool")
 ANSWER_ROLE = "assistant"
@@ -65,12 +65,13 @@ class Round:
   answer: Message
 
 
-def split_rounds(messages: Sequence[Message]) -> list[Round]:
-  """Splits a dialogue into rounds. Non-assistant messages after the last assistant message are dropped.
+def split_dialogue(messages: Sequence[Message]) -> tuple[list[Round], tuple[Message, ...]]:
+  """Splits a dialogue into its rounds and the query messages after the last answer (a query to answer).
 
   >>> m = [Message("user", "hi"), Message("assistant", "hello"), Message("user", "bye")]
-  >>> [(len(r.query), r.answer.content) for r in split_rounds(m)]
-  [(1, 'hello')]
+  >>> rounds, trailing = split_dialogue(m)
+  >>> [(len(r.query), r.answer.content) for r in rounds], [t.content for t in trailing]
+  ([(1, 'hello')], ['bye'])
   """
   rounds, pending = [], []
   for message in messages:
@@ -79,7 +80,19 @@ def split_rounds(messages: Sequence[Message]) -> list[Round]:
     else:
       rounds.append(Round(tuple(pending), message))
       pending = []
-  return rounds
+  return rounds, tuple(pending)
+
+
+def split_rounds(messages: Sequence[Message]) -> list[Round]:
+  """The complete rounds of a dialogue (:func:`split_dialogue` without the trailing query messages)."""
+  return split_dialogue(messages)[0]
+
+
+def check_query_block(messages: Sequence[Message]) -> None:
+  """Raises ``ValueError`` unless ``messages`` can form one query block (no assistant message)."""
+  for message in messages:
+    if not message.is_query:
+      raise ValueError(f"a query block holds system/user/tool messages only, got role {message.role!r}")
 
 
 def trainable_problem(messages: Sequence[Message]) -> str | None:
@@ -209,9 +222,23 @@ class ReadReport:
   def skip(self, reason: str) -> None:
     self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
-  @property
-  def num_skipped(self) -> int:
-    return sum(self.skipped.values())
+
+def jsonl_records(stream: TextIO, name: str) -> Iterator[tuple[str, Any]]:
+  """``(where, record)`` for every non-blank line of a JSONL stream, ``where`` being ``name:line``.
+
+  Raises:
+    DataFormatError: a line that is not one complete JSON value, naming ``name:line`` and the column.
+  """
+  for line_number, line in enumerate(stream, start=1):
+    if not line.strip():
+      continue
+    where = f"{name}:{line_number}"
+    try:
+      record = json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as e:
+      raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.pos + 1}); each line must be "
+                            "one complete JSON object") from None
+    yield where, record
 
 
 def read_jsonl(paths: str | Iterable[str], format: str = "openai") -> tuple[list[list[Message]], ReadReport]:
@@ -233,15 +260,7 @@ def read_jsonl(paths: str | Iterable[str], format: str = "openai") -> tuple[list
   dialogues, report = [], ReadReport()
   for path in paths:
     with open(path, encoding="utf-8") as f:
-      for line_number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        where = f"{path}:{line_number}"
-        try:
-          record = json.loads(line.rstrip("\r\n"))
-        except json.JSONDecodeError as e:
-          raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.pos + 1}); each line must be "
-                                "one complete JSON object") from None
+      for where, record in jsonl_records(f, path):
         messages = parse(record, where)
         problem = trainable_problem(messages)
         if problem is None:

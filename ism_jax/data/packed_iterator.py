@@ -32,8 +32,7 @@ class PackedBatchIterDataset(grain.IterDataset):
   def __init__(self, parent: grain.IterDataset, *, seq_len: int, batch_size: int, loss_on: str = "all",
                triplets: bool = False):
     super().__init__(parent)
-    if loss_on not in packing.LOSS_ON:
-      raise ValueError(f"loss_on must be one of {packing.LOSS_ON}, got {loss_on!r}")
+    packing.check_loss_on(loss_on)
     self._options = dict(seq_len=seq_len, batch_size=batch_size, loss_on=loss_on, triplets=triplets)
 
   def __iter__(self) -> "PackedBatchIterator":

@@ -1,4 +1,4 @@
-"""From encoded dialogues to packed rows of the DESIGN.md §2 per-token arrays.
+"""From encoded dialogues to packed rows of the docs/DESIGN.md §2 per-token arrays.
 
 Steps, each a small function:
 
@@ -44,10 +44,15 @@ LOSS_ON = ("all", "last")
 BATCH_KEYS = ("tokens", "segment_types", "segment_ids", "positions", "loss_mask", "round_index")
 
 
+def check_loss_on(loss_on: str, field: str = "loss_on") -> None:
+  """Raises ``ValueError`` naming ``field`` unless ``loss_on`` is one of :data:`LOSS_ON`."""
+  if loss_on not in LOSS_ON:
+    raise ValueError(f"{field} must be one of {LOSS_ON}, got {loss_on!r}")
+
+
 def select_targets(dialogue: EncodedDialogue, loss_on: str = "all") -> EncodedDialogue:
   """Keeps loss on every answer (``"all"``) or on the last answer only (``"last"``)."""
-  if loss_on not in LOSS_ON:
-    raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+  check_loss_on(loss_on)
   if loss_on == "all" or not len(dialogue):
     return dialogue
   last = dialogue.round_index == dialogue.num_rounds - 1

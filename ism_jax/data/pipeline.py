@@ -1,4 +1,4 @@
-"""The input pipeline: TFDS data source → grain → packed numpy batches of the DESIGN.md §2 arrays.
+"""The input pipeline: TFDS data source → grain → packed numpy batches of the docs/DESIGN.md §2 arrays.
 
 Training::
 
@@ -17,6 +17,7 @@ Example::
 
     config = PipelineConfig(name="synthetic_multiturn/small", data_dir="/tmp/ism_data", seq_len=256,
                             batch_size=8)
+    inputs = open_inputs(config)             # all of the below at once: what the trainer calls
     prepare_data(config)                     # builds the dataset if missing (process 0 on multi-host)
     tokenizer = load_tokenizer(config)       # trained once on the train split, cached next to the data
     train = make_train_iterator(config, tokenizer)
@@ -40,6 +41,7 @@ from ism_jax.data.chat_template import encode_dialogue
 from ism_jax.data.dialogue import Message
 from ism_jax.data.packed_iterator import PackedBatchIterDataset, PackedBatchIterator
 from ism_jax.data.tokenizer import ChatTokenizer
+from ism_jax.data.tokenizer import load_tokenizer as load_tokenizer_file
 
 _log = logging.getLogger(__name__)
 
@@ -59,15 +61,16 @@ class PipelineConfig:
   shard_index: int | None = None      # this host's shard; None → jax.process_index()
   shard_count: int | None = None      # number of shards; None → jax.process_count()
   vocab_size: int = 4000              # tokenizer size when training one
-  tokenizer_path: str | None = None   # load this .model instead of training/caching one
+  tokenizer_path: str | None = None   # a .model file or a Hugging Face checkpoint folder to load instead
   num_threads: int = 2                # reader threads (tokenization runs there)
   prefetch: int = 64                  # dialogues read ahead
+  eval_max_dialogues: int | None = None  # validation dialogues evaluated (open_inputs); None = all
+  sample_dialogues: int = 0           # validation dialogues open_inputs reads for a sample chat
 
   def __post_init__(self):
     if self.seq_len < 2 or self.batch_size < 1:
       raise ValueError(f"seq_len must be >= 2 and batch_size >= 1, got {self.seq_len} and {self.batch_size}")
-    if self.loss_on not in packing.LOSS_ON:
-      raise ValueError(f"loss_on must be one of {packing.LOSS_ON}, got {self.loss_on!r}")
+    packing.check_loss_on(self.loss_on)
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ValueError(f"num_epochs must be None (forever) or >= 1, got {self.num_epochs}")
 
@@ -123,11 +126,12 @@ def _training_texts(config: PipelineConfig):
 def load_tokenizer(config: PipelineConfig) -> ChatTokenizer:
   """Loads ``config.tokenizer_path``, or the cached tokenizer of this dataset, training it if missing.
 
-  The cache is ``<dataset folder>/tokenizer_<vocab_size>.model``, trained on every message content of the
-  train split (deterministic, so hosts that train concurrently write identical files).
+  A ``tokenizer_path`` folder is a Hugging Face checkpoint's (its own tokenizer and chat format). The cache
+  is ``<dataset folder>/tokenizer_<vocab_size>.model``, trained on every message content of the train split
+  (deterministic, so hosts that train concurrently write identical files).
   """
   if config.tokenizer_path:
-    return ChatTokenizer.load(config.tokenizer_path)
+    return load_tokenizer_file(config.tokenizer_path)
   folder = builders.dataset_dir(config.name, config.data_dir)
   path = os.path.join(folder, f"tokenizer_{config.vocab_size}.model")
   if os.path.exists(path):
@@ -208,3 +212,53 @@ def make_eval_batches(config: PipelineConfig, tokenizer: ChatTokenizer, split: s
   per_host = -(-len(batches) // shards)
   mine = batches[index::shards]
   return mine + [empty_batch(config.batch_size, config.seq_len) for _ in range(per_host - len(mine))]
+
+
+def has_split(config: PipelineConfig, split: str) -> bool:
+  """Whether the prepared dataset has ``split`` (an imported dataset may lack ``validation``)."""
+  try:
+    builders.data_source(config.name, config.data_dir, split)
+  except ValueError as e:
+    if "Unknown split" in str(e):
+      return False
+    raise
+  return True
+
+
+@dataclasses.dataclass
+class Inputs:
+  """What the pipeline hands a trainer: the tokenizer and this host's data.
+
+  Attributes:
+    tokenizer: the run's tokenizer (see :func:`load_tokenizer`).
+    train: the checkpointable train iterator (:func:`make_train_iterator`).
+    eval_batches: this host's validation batches (:func:`make_eval_batches`); empty without a validation
+      split.
+    sample_dialogues: the first ``config.sample_dialogues`` validation dialogues as messages (train ones
+      without a validation split).
+  """
+
+  tokenizer: ChatTokenizer
+  train: PackedBatchIterator
+  eval_batches: list[dict[str, np.ndarray]]
+  sample_dialogues: list[list[Message]]
+
+
+def open_inputs(config: PipelineConfig, tokenizer: ChatTokenizer | None = None) -> Inputs:
+  """Builds the dataset and the tokenizer if missing (process 0 first, the other hosts then read them) and
+  opens everything a training run reads. ``tokenizer``: use this one (e.g. a pretrained model's own)
+  instead of :func:`load_tokenizer`'s."""
+  import jax  # pylint: disable=import-outside-toplevel (only for the multi-host handshake)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    prepare_data(config)
+    tokenizer = load_tokenizer(config) if tokenizer is None else tokenizer
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("ism_jax: dataset and tokenizer ready")
+  tokenizer = load_tokenizer(config) if tokenizer is None else tokenizer
+  validation = has_split(config, "validation")
+  if not validation:
+    _log.warning("dataset %s has no validation split: evaluation is skipped", config.name)
+  evals = make_eval_batches(config, tokenizer, max_dialogues=config.eval_max_dialogues) if validation else []
+  samples = read_dialogues(config, "validation" if validation else "train", config.sample_dialogues)
+  return Inputs(tokenizer, make_train_iterator(config, tokenizer), evals, samples)

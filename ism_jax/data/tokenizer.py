@@ -142,6 +142,22 @@ class ChatTokenizer:
     return self._sp.id_to_piece(int(token_id))
 
 
+def load_tokenizer(path: str):
+  """The tokenizer at ``path``: a ``.model`` file is a :class:`ChatTokenizer`, a directory the tokenizer and
+  chat format of a Hugging Face checkpoint (:func:`ism_jax.data.hf_chat.load_hf_tokenizer`)."""
+  if os.path.isdir(path):
+    from ism_jax.data.hf_chat import load_hf_tokenizer  # pylint: disable=import-outside-toplevel (a cycle)
+    return load_hf_tokenizer(path)
+  return ChatTokenizer.load(path)
+
+
+def check_vocab_fits(tokenizer, model_vocab_size: int, fix: str) -> None:
+  """Raises ``ValueError`` (ending in ``fix``) if ``tokenizer`` has more pieces than the model has rows."""
+  if tokenizer.vocab_size > model_vocab_size:
+    raise ValueError(f"the tokenizer {tokenizer.path or '(in memory)'} has {tokenizer.vocab_size} pieces but "
+                     f"the model's vocab_size is {model_vocab_size}; {fix}")
+
+
 def _clip_utf8(text: str, max_bytes: int) -> str:
   data = text.encode("utf-8")
   return text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", errors="ignore")

@@ -7,7 +7,9 @@
 Layers, each usable alone (see docs/INFERENCE.md):
 
 * :mod:`~ism_jax.inference.cache`: the preallocated KV cache, sharded like the model.
+* :mod:`~ism_jax.inference.rewrites`: serving layouts of a trained model (unrolled layers, fused projections).
 * :mod:`~ism_jax.inference.sampling`: greedy, temperature, top-k and top-p sampling.
+* :mod:`~ism_jax.inference.steps`: the jitted prefill step and decode loop, with their named state.
 * :mod:`~ism_jax.inference.engine`: :class:`Engine`, bucketed prefill and a fixed-shape decode step for a
   batch of rows.
 * :mod:`~ism_jax.inference.dialogues`: :class:`DialogueBatch`, token-level dialogues under a mask kind.
@@ -15,7 +17,7 @@ Layers, each usable alone (see docs/INFERENCE.md):
 """
 
 from ism_jax.inference.dialogues import DialogueBatch, PromptTooLongError, RoundResult
-from ism_jax.inference.engine import CacheFullError, Engine, Generation, bucket_lengths
+from ism_jax.inference.engine import CacheFullError, Chunk, Engine, Generation, bucket_lengths
 from ism_jax.inference.sampling import SamplingParams, sample
 
 _SESSION_NAMES = ("ChatBatch", "ChatSession")
@@ -33,6 +35,7 @@ __all__ = [
     "CacheFullError",
     "ChatBatch",
     "ChatSession",
+    "Chunk",
     "DialogueBatch",
     "Engine",
     "Generation",

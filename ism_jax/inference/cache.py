@@ -1,6 +1,6 @@
 """The preallocated KV cache of a batch of dialogues, laid out and sharded like the model.
 
-The cache is what :func:`ism_jax.model.init_cache` builds: one :class:`ism_jax.model.LayerCache` per layer
+The cache is what :func:`init_cache` builds: one :class:`ism_jax.model.LayerCache` per layer
 (or one with a leading ``layers`` axis when the model scans its layers), keys and values of shape
 ``[B, S, K, Dh]``. Slot ``s`` of row ``b`` holds the keys and values of position ``s`` of dialogue ``b``;
 how many slots a row uses is tracked by the engine, not stored here.
@@ -18,10 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from ism_jax import sharding
-from ism_jax.model import ModelConfig, init_cache
+from ism_jax.model import LayerCache, ModelConfig
 
 CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
 _SLOT_AXIS = -3  # every cache array is [..., B, S, K, Dh]
@@ -31,12 +32,24 @@ def _logical_axes(config: ModelConfig) -> tuple[str, ...]:
   return ("layers", *CACHE_AXES) if config.scan_layers else CACHE_AXES
 
 
+def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype: Any = None):
+  """A zeroed KV cache: a list of :class:`LayerCache` (or one stacked on a leading axis when scanned)."""
+  dtype = config.dtype if dtype is None else dtype
+  shape = (batch_size, cache_len, config.num_kv_heads, config.head_dim)
+  if config.scan_layers:
+    shape = (config.num_layers, *shape)
+    return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+  return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+
+
 def cache_shardings(config: ModelConfig, batch_size: int, max_len: int, mesh: Mesh, dtype: Any = None):
-  """A tree like the cache of ``NamedSharding``s from the logical axes (mesh axes that do not divide drop)."""
+  """A tree like the cache of ``NamedSharding``s from the logical axes (mesh axes that do not divide drop,
+  with a warning)."""
   abstract = jax.eval_shape(lambda: init_cache(config, batch_size, max_len, dtype))
-  axes = _logical_axes(config)
-  to_sharding = lambda a: NamedSharding(mesh, sharding.logical_to_spec(axes, a.shape, dict(mesh.shape)))
-  return jax.tree.map(to_sharding, abstract)
+  shape = jax.tree.leaves(abstract)[0].shape  # every key and value array has this shape
+  spec, drops = sharding.spec_with_drops(_logical_axes(config), shape, dict(mesh.shape))
+  sharding.warn_replicated(f"KV cache on mesh {dict(mesh.shape)}", [("keys and values", shape, drops)])
+  return jax.tree.map(lambda _: NamedSharding(mesh, spec), abstract)
 
 
 def allocate(config: ModelConfig, batch_size: int, max_len: int, mesh: Mesh | None = None,
@@ -59,11 +72,6 @@ def allocate(config: ModelConfig, batch_size: int, max_len: int, mesh: Mesh | No
 def num_slots(cache) -> int:
   """``S``, the number of slots per row."""
   return int(jax.tree.leaves(cache)[0].shape[_SLOT_AXIS])
-
-
-def num_bytes(cache) -> int:
-  """Total size of the keys and values in bytes."""
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
 
 
 def window(cache, length: int):

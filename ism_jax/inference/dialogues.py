@@ -1,6 +1,6 @@
 """A batch of independent token-level dialogues served round by round under one mask kind.
 
-Each row keeps its dialogue exactly as training lays it out (DESIGN.md §2): ``Q1 A1 Q2 A2 ...`` with
+Each row keeps its dialogue exactly as training lays it out (docs/DESIGN.md §2): ``Q1 A1 Q2 A2 ...`` with
 segment types QUERY/ANSWER, every answer ending with end of turn. How a round reaches the cache depends on
 the mask kind:
 
@@ -23,12 +23,12 @@ from typing import Sequence
 
 import numpy as np
 
-from ism_jax.inference.engine import Engine, Generation
+from ism_jax.inference.engine import CacheFullError, Chunk, Engine, Generation
 from ism_jax.inference.sampling import SamplingParams
 from ism_jax.masks import MASK_KINDS, SegmentType
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(CacheFullError):
   """The dialogue plus the new query does not fit in the cache; nothing was changed."""
 
 
@@ -93,27 +93,20 @@ class DialogueBatch:
     self._rows[row].types += [int(segment_type)] * len(tokens)
 
   def check_room(self, row: int, new_tokens: int) -> None:
-    """Raises :class:`PromptTooLongError` unless ``new_tokens`` more tokens leave room for an answer.
+    """Raises :class:`PromptTooLongError` unless ``new_tokens`` more tokens leave room for an answer
+    (:meth:`Engine.check_room`)."""
+    self.engine.check_room(row, len(self._rows[row].tokens), new_tokens, error=PromptTooLongError)
 
-    Room for an answer is 2 slots: its first token and the end of turn that may follow it.
-    """
-    have = len(self._rows[row].tokens)
-    needed = have + new_tokens + 2
-    if needed > self.engine.max_len:
-      raise PromptTooLongError(
-          f"row {row}: the dialogue so far ({have} tokens) + {new_tokens} new tokens + 2 answer slots = "
-          f"{needed} tokens exceed the KV cache of max_len={self.engine.max_len}; start a new dialogue "
-          "(reset) or create the session with a larger max_len")
-
-  def _chunk(self, row: _Row, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def _chunk(self, row: _Row, query: np.ndarray) -> Chunk:
+    """What the engine writes this round: the tokens not yet cached then the query, typed for the kind."""
     if self.kind == "prefix":
       tokens = np.concatenate([np.asarray(row.tokens, np.int32), query])
-      return tokens, np.full(tokens.shape, SegmentType.QUERY, np.int32)
+      return Chunk(tokens, np.full(tokens.shape, SegmentType.QUERY, np.int32))
     tokens = np.concatenate([np.asarray(row.tokens[row.cached:], np.int32), query])
     types = np.asarray(row.types[row.cached:] + [SegmentType.QUERY] * query.size, np.int32)
     if self.kind == "causal":
       types = np.full(types.shape, SegmentType.ANSWER, np.int32)
-    return tokens, types
+    return Chunk(tokens, types)
 
   def ask(self, queries: Sequence[Sequence[int] | None], *, max_new_tokens: int | Sequence[int] = 256,
           sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
@@ -130,28 +123,28 @@ class DialogueBatch:
     """
     if len(queries) != self.batch_size:
       raise ValueError(f"expected {self.batch_size} queries (one per row, None to skip), got {len(queries)}")
-    chunks = []
+    blocks: list[np.ndarray | None] = []
     for b, query in enumerate(queries):
-      if query is None:
-        chunks.append(None)
-        continue
-      query = np.asarray(query, np.int32).reshape(-1)
-      if query.size == 0:
-        raise ValueError(f"row {b}: empty query block; pass None to skip a row")
-      self.check_room(b, query.size)
-      chunks.append((self._chunk(self._rows[b], query), query))
+      if query is not None:
+        query = np.asarray(query, np.int32).reshape(-1)
+        if query.size == 0:
+          raise ValueError(f"row {b}: empty query block; pass None to skip a row")
+        self.check_room(b, query.size)
+      blocks.append(query)
+    chunks = [None if q is None else self._chunk(self._rows[b], q) for b, q in enumerate(blocks)]
     generation = self.engine.generate(
-        [None if c is None else c[0] for c in chunks], restart=self.kind == "prefix",
-        max_new_tokens=max_new_tokens, sampling=sampling, eot_id=self.eot_id, return_logits=return_logits)
-    self._record(chunks, generation)
+        chunks, restart=self.kind == "prefix", max_new_tokens=max_new_tokens, sampling=sampling,
+        eot_id=self.eot_id, return_logits=return_logits)
+    self._record(blocks, generation)
     return generation
 
-  def _record(self, chunks, generation: Generation) -> None:
+  def _record(self, blocks: list[np.ndarray | None], generation: Generation) -> None:
+    """Appends each row's query block and answer (with the end of turn training puts after it)."""
     fill = self.engine.fill
-    for b, chunk in enumerate(chunks):
-      if chunk is None:
+    for b, query in enumerate(blocks):
+      if query is None:
         continue
-      row, query, answer = self._rows[b], chunk[1], generation.answers[b]
+      row, answer = self._rows[b], generation.answers[b]
       row.tokens += query.tolist() + answer.tolist()
       row.types += [SegmentType.QUERY] * query.size + [SegmentType.ANSWER] * answer.size
       if self.eot_id is not None and answer[-1] != self.eot_id:  # the template's end of turn, as trained

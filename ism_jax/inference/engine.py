@@ -25,23 +25,24 @@ decode step have per-query ranges: on GPU they run the kernel's forward-only pat
 slots below each row's ``k_hi`` and shares them out among its key splits (:mod:`ism_jax.attention`), so they
 take the whole cache (``W = max_len``); the dense XLA path pays for every key it is given, so there ``W`` is
 the bucket length at or above the furthest slot any row's chunk reaches and an early round does not pay for
-the empty end of the cache. Compiled programs: one decode program, and one prefill per ``(T, W)`` pair, shared
-by all engines over equal models (:data:`TRACE_COUNTS` counts traces, :func:`compiled_counts` executables;
+the empty end of the cache (:func:`ism_jax.attention.key_window` says which). Compiled programs
+(:mod:`ism_jax.inference.steps`): one decode program, and one prefill per ``(T, W)`` pair, shared by all
+engines over equal models (:func:`~ism_jax.inference.steps.compiled_counts` counts them;
 :meth:`Engine.warmup` compiles them ahead). The cache buffer is donated to every step: updates are in place.
 
 Serving latency at batch 1 is mostly fixed cost per step (host dispatch, kernel launches), so by default the
-engine serves the model unrolled and with fused projections (:func:`ism_jax.model.unstack_layers`,
-:func:`ism_jax.model.fuse_projections`: the same network, fewer and larger kernels), sends a prefill's
-inputs in one transfer (:func:`pack_chunks`), draws random keys on the device and has the step write the
-first token into host memory itself. docs/BENCHMARKS.md has the measurements.
+engine serves the model unrolled and with fused projections (:func:`ism_jax.inference.rewrites.
+unstack_layers`, :func:`~ism_jax.inference.rewrites.fuse_projections`: the same network, fewer and larger
+kernels), sends a prefill's inputs in one transfer (:func:`~ism_jax.inference.steps.pack_chunks`), draws
+random keys on the device and has the step write the first token into host memory itself.
+docs/BENCHMARKS.md has the measurements.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,16 +50,37 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ism_jax.attention import resolve_impl
+from ism_jax.attention import key_window
 from ism_jax.inference import cache as cache_lib
-from ism_jax.inference.sampling import SamplingParams, as_arrays, greedy, sample
-from ism_jax.masks import MaskRanges, SegmentType, make_attention_ranges
-from ism_jax.model import Transformer, unstack_layers
-from ism_jax.model import fuse_projections as _fuse
+from ism_jax.inference import rewrites, steps
+from ism_jax.inference.sampling import SamplingParams, as_arrays
+from ism_jax.inference.steps import DecodeCall, DecodeState, ModelStructure, Prefilled, pack_chunks
+from ism_jax.masks import SegmentType
+from ism_jax.model import Transformer
 
 DEFAULT_MIN_BUCKET = 32
 DEFAULT_BUCKET_STEP = 1024
 DEFAULT_DECODE_STEPS = 8
+
+
+ANSWER_SLOTS = 2  # room a chunk must leave in its row: the first answer token and the end of turn after it
+
+
+class Chunk(NamedTuple):
+  """Tokens to append to one row: ids and segment types (QUERY/ANSWER as the mask should treat them),
+  ``[T]`` int32 each. A plain ``(tokens, segment_types)`` tuple works too."""
+
+  tokens: np.ndarray
+  segment_types: np.ndarray
+
+
+class PrefillShape(NamedTuple):
+  """The static shape of one prefill program: chunk length ``T``, key window ``W``, and whether every row
+  starts at slot 0."""
+
+  length: int
+  window: int
+  from_start: bool
 
 
 class CacheFullError(ValueError):
@@ -78,146 +100,6 @@ def bucket_lengths(max_len: int, min_bucket: int = DEFAULT_MIN_BUCKET, step: int
     buckets.append(b)
     b = b * 2 if step is None or b < step else b + step
   return tuple(buckets) + (max_len,)
-
-
-def chunk_ranges(types_BT: jax.Array, start_B: jax.Array, from_start: bool) -> MaskRanges:
-  """Mask ranges of a chunk written at slots ``start_B[b] + t``, in slot coordinates.
-
-  ``types_BT`` are the mask-effective segment types with padding (``PAD``) at the end of each row. With
-  ``from_start`` every row with tokens starts at slot 0 and keys are the chunk itself, so the full range form
-  (``q_lo``/``q_hi`` too, which the differentiable Pallas kernels take) is that of the chunk. Otherwise real
-  tokens see ``[0, start + chunk-local k_hi)`` and padding tokens repeat the last real token's range (a row
-  without tokens sees slot 0), so ``k_hi`` stays non-decreasing along the chunk as the kernels' tile bounds
-  need; padding rows are never read.
-
-  Returns:
-    ``MaskRanges``, ``[B, T]`` int32 arrays (``k_lo, k_hi`` only unless ``from_start``).
-  """
-  ranges = make_attention_ranges(types_BT)
-  if from_start:
-    return ranges
-  real_BT = types_BT != SegmentType.PAD
-  k_hi_BT = jax.lax.cummax(jnp.where(real_BT, ranges.k_hi + start_B[:, None], 1), axis=1)
-  return MaskRanges(k_lo=jnp.zeros_like(k_hi_BT), k_hi=k_hi_BT)
-
-
-# Traces of the jitted steps, by step and shape (a test counts them to prove that rounds and tokens do not
-# recompile).
-TRACE_COUNTS: collections.Counter = collections.Counter()
-
-
-def _next_tokens(logits_BV, key, sampling, all_greedy: bool):
-  return greedy(logits_BV) if all_greedy else sample(logits_BV, key, **sampling)
-
-
-def pack_chunks(tokens_BT: np.ndarray, types_BT: np.ndarray, start_B: np.ndarray, length_B: np.ndarray
-                ) -> np.ndarray:
-  """The inputs of a prefill step as one ``[B, 2 T + 2]`` int32 array (one host-to-device transfer):
-  tokens ``[B, T]``, segment types ``[B, T]``, each row's first slot and its chunk length."""
-  return np.concatenate([tokens_BT, types_BT, start_B[:, None], length_B[:, None]], axis=1).astype(np.int32)
-
-
-def _prefill_step(model: Transformer, cache, chunks_BX, key, sampling, *, window, from_start, all_greedy):
-  """Writes chunks (packed by :func:`pack_chunks`) at each row's start slot, attending over slots
-  ``[0, window)``.
-
-  Returns the cache, the first answer tokens ``[B]``, their logits ``[B, V]`` and the next random key.
-  """
-  length, max_len = (chunks_BX.shape[1] - 2) // 2, cache_lib.num_slots(cache)
-  TRACE_COUNTS[prefill_name(length, window, from_start, all_greedy)] += 1
-  tokens_BT, types_BT = chunks_BX[:, :length], chunks_BX[:, length:2 * length]
-  start_B, length_B = chunks_BX[:, 2 * length], chunks_BX[:, 2 * length + 1]
-  key, draw_key = jax.random.split(key)
-  ranges = chunk_ranges(types_BT, start_B, from_start)
-  positions_BT = start_B[:, None] + jnp.arange(length, dtype=jnp.int32)
-  write_B = jnp.where(length_B > 0, start_B, window)  # rows without a chunk write nothing
-  view = cache if window == max_len else cache_lib.window(cache, window)
-  last_B1 = jnp.maximum(length_B - 1, 0)[:, None]
-  logits_B1V, view = model.forward(tokens_BT, positions_BT, ranges, view, write_B, logits_at_BN=last_B1)
-  cache = view if window == max_len else cache_lib.put_window(cache, view)
-  first_B = _next_tokens(logits_B1V[:, 0], draw_key, sampling, all_greedy)
-  # A copy in host memory, written by the step itself: the host reads the first token as soon as the step
-  # is done, without a device-to-host transfer of its own. (A host-memory output commits every output of
-  # the step to its device; the engine commits all inputs alike, so each program compiles once.)
-  first_on_host_B = jax.device_put(first_B, jax.memory.Space.Host)
-  return cache, first_B, first_on_host_B, logits_B1V[:, 0], key
-
-
-def _decode_steps(model: Transformer, cache, token_B, fill_B, remaining_B, done_B, key, sampling, eot_id, *,
-                  steps: int, all_greedy: bool, keep_logits: bool):
-  """``steps`` decode steps in one call: a loop of fixed length on the device (launched from the host once).
-
-  Each step feeds ``token_B`` at slots ``fill_B`` (attending to ``[0, fill + 1)``), samples the next tokens,
-  and advances the rows that are not done; a row is done after it emits ``eot_id`` or spends its budget
-  ``remaining_B``. Done rows emit 0 and keep their fill (their cache writes land past it) for the rest of the
-  loop.
-
-  Returns:
-    ``(cache, tokens_BN, token_B, fill_B, remaining_B, done_B, key, logits_BNV)``: ``tokens_BN``
-    ``[B, steps]`` the tokens of each step (0 once a row is done), ``token_B`` the token to feed next, the
-    updated state, and with ``keep_logits`` the logits ``[B, steps, V]`` each token was drawn from (else
-    ``None``).
-  """
-  TRACE_COUNTS[decode_name(steps, all_greedy, keep_logits)] += 1
-  batch = token_B.shape[0]
-
-  def step(i, carry):
-    cache, token_B, fill_B, remaining_B, done_B, key, tokens_BN, logits_BNV = carry
-    key, draw_key = jax.random.split(key)
-    ranges = MaskRanges(k_lo=jnp.zeros_like(fill_B)[:, None], k_hi=fill_B[:, None] + 1)
-    logits_B1V, cache = model.forward(token_B[:, None], fill_B[:, None], ranges, cache, fill_B)
-    active_B = ~done_B
-    next_B = jnp.where(active_B, _next_tokens(logits_B1V[:, 0], draw_key, sampling, all_greedy), 0)
-    fill_B = fill_B + active_B
-    remaining_B = remaining_B - active_B
-    done_B = done_B | (next_B == eot_id) | (remaining_B <= 0)
-    tokens_BN = jax.lax.dynamic_update_slice(tokens_BN, next_B[:, None], (0, i))
-    if keep_logits:
-      logits_BNV = jax.lax.dynamic_update_slice(logits_BNV, logits_B1V.astype(logits_BNV.dtype), (0, i, 0))
-    return cache, next_B, fill_B, remaining_B, done_B, key, tokens_BN, logits_BNV
-
-  logits_BNV = jnp.zeros((batch, steps, model.config.vocab_size), jnp.float32) if keep_logits else None
-  tokens_BN = jnp.zeros((batch, steps), jnp.int32)
-  carry = jax.lax.fori_loop(0, steps, step, (cache, token_B, fill_B, remaining_B, done_B, key, tokens_BN,
-                                             logits_BNV))
-  cache, token_B, fill_B, remaining_B, done_B, key, tokens_BN, logits_BNV = carry
-  return cache, tokens_BN, token_B, fill_B, remaining_B, done_B, key, logits_BNV
-
-
-# The jitted steps of each model structure; engines over equal models share them (and their executables).
-_JITTED_STEPS: dict = {}
-
-
-def _jitted_steps(graphdef, treedef):
-  """``(prefill, decode)`` jitted over the model's parameter leaves (a flat list, cheap to pass per step)."""
-  key = (graphdef, treedef)
-  if key not in _JITTED_STEPS:
-    model = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    prefill = lambda leaves, *args, **kwargs: _prefill_step(model(leaves), *args, **kwargs)
-    decode = lambda leaves, *args, **kwargs: _decode_steps(model(leaves), *args, **kwargs)
-    _JITTED_STEPS[key] = (
-        jax.jit(prefill, static_argnames=("window", "from_start", "all_greedy"), donate_argnums=1),
-        jax.jit(decode, static_argnames=("steps", "all_greedy", "keep_logits"), donate_argnums=1),
-    )
-  return _JITTED_STEPS[key]
-
-
-def prefill_name(length: int, window: int, from_start: bool, all_greedy: bool = True) -> str:
-  """The :data:`TRACE_COUNTS` key of a prefill program, e.g. ``"prefill[T=32,W=128]"``."""
-  flags = (",from_start" if from_start else "") + ("" if all_greedy else ",sampled")
-  return f"prefill[T={length},W={window}{flags}]"
-
-
-def decode_name(steps: int, all_greedy: bool = True, keep_logits: bool = False) -> str:
-  """The :data:`TRACE_COUNTS` key of a decode program, e.g. ``"decode[N=8]"``."""
-  return f"decode[N={steps}" + ("" if all_greedy else ",sampled") + (",logits" if keep_logits else "") + "]"
-
-
-def compiled_counts() -> dict[str, int]:
-  """Executables held by the jitted steps of all engines: ``{"prefill": n, "decode": m}``."""
-  steps = list(_JITTED_STEPS.values())
-  size = lambda fn: fn._cache_size()  # pylint: disable=protected-access
-  return {"prefill": sum(size(p) for p, _ in steps), "decode": sum(size(d) for _, d in steps)}
 
 
 @dataclasses.dataclass
@@ -247,6 +129,17 @@ class Generation:
     return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+@dataclasses.dataclass
+class _Plan:
+  """One round as checked by :meth:`Engine._validate`: the rows with chunks, each row's first slot, answer
+  budget and chunk length (``[B]`` int64 each; 0 for rows without a chunk)."""
+
+  rows: list[int]
+  starts: np.ndarray
+  budgets: np.ndarray
+  lengths: np.ndarray
+
+
 def _cast_params(state: nnx.State, dtype) -> nnx.State:
   """Matrices and embedding tables in the compute dtype (norm scales stay): the model casts them anyway."""
   def cast(x):
@@ -269,11 +162,11 @@ class Engine:
       of two up to ``max_len``.
     cast_params: keep matrices in the compute dtype (halves the weight reads of a float32-parameter model
       computing in bfloat16; the results are identical, since the model casts them before every use).
-    unroll_layers: serve a model that scans its layers with them unrolled (:func:`~ism_jax.model.
-      unstack_layers`: the same network, fewer and larger GPU launches per step, longer compiles).
-    fuse_projections: serve with q/k/v and gate/up weights concatenated (:func:`~ism_jax.model.
-      fuse_projections`: the same network in fewer, larger matmuls). Both copy the parameters: the engine
-      keeps its own, so drop the model after building the engine to hold them once.
+    unroll_layers: serve a model that scans its layers with them unrolled (:func:`~ism_jax.inference.
+      rewrites.unstack_layers`: the same network, fewer and larger GPU launches per step, longer compiles).
+    fuse_projections: serve with q/k/v and gate/up weights concatenated (:func:`~ism_jax.inference.
+      rewrites.fuse_projections`: the same network in fewer, larger matmuls). Both copy the parameters: the
+      engine keeps its own, so drop the model after building the engine to hold them once.
     decode_steps: decode steps per device call (a fixed-length loop on the device). At batch 1 a step costs
       about as much to launch from the host as to run, so one call per token leaves the GPU waiting on
       Python and dispatch; a loop of steps is launched at once. The price: a call runs all its steps, and
@@ -293,27 +186,24 @@ class Engine:
     if decode_steps < 1:
       raise ValueError(f"decode_steps={decode_steps} must be >= 1")
     if unroll_layers:
-      model = unstack_layers(model)
+      model = rewrites.unstack_layers(model)
     if fuse_projections:
-      model = _fuse(model)
+      model = rewrites.fuse_projections(model)
     self.config = model.config
     self.batch_size = batch_size
     self.max_len = max_len
     self.decode_steps = decode_steps
     self.mesh = mesh
     self.buckets = bucket_lengths(max_len, min_bucket, bucket_step)  # chunk lengths T and key windows W
-    # Dense attention pays for every key it is given, so a cached prefill gets a window of the cache; the
-    # forward-only kernel reads only the slots below each query's k_hi, so it takes the whole cache.
-    self._windowed = resolve_impl(self.config.attention_impl) != "pallas_gpu"
     graphdef, state = nnx.split(model)
     if cast_params and self.config.weight_dtype != self.config.dtype:
       state = _cast_params(state, self.config.dtype)
     leaves, treedef = jax.tree.flatten(state)
-    # Inputs are committed to their devices, like the steps' outputs (see _prefill_step), so that warm-up
+    self._structure = ModelStructure(graphdef, treedef)
+    # Inputs are committed to their devices, like the steps' outputs (see steps.prefill), so that warm-up
     # calls and later calls share their executables.
     self._placement = jax.devices()[0] if mesh is None else NamedSharding(mesh, PartitionSpec())
     self._params = leaves if mesh is not None else jax.device_put(leaves, self._placement)
-    self._prefill_fn, self._decode_fn = _jitted_steps(graphdef, treedef)
     self.cache = cache_lib.allocate(self.config, batch_size, max_len, mesh)
     if mesh is None:
       self.cache = jax.device_put(self.cache, self._placement)
@@ -342,24 +232,44 @@ class Engine:
         return b
     raise CacheFullError(f"a chunk of {length} tokens exceeds the cache of {self.max_len} slots")
 
-  def check_fits(self, b: int, start: int, length: int) -> None:
-    """Raises :class:`CacheFullError` unless ``length`` tokens at ``start`` leave room for an answer."""
-    if start + length + 2 > self.max_len:
-      raise CacheFullError(
-          f"row {b}: {start} cached tokens + a chunk of {length} tokens + 2 answer slots (first answer "
-          f"token, end of turn) = {start + length + 2} > max_len={self.max_len}; reset the row or build the "
-          "engine with a larger max_len"
-      )
+  def check_room(self, row: int, have: int, new: int, error: type[CacheFullError] = CacheFullError) -> None:
+    """Raises ``error`` unless ``new`` tokens after the ``have`` a row holds leave room for an answer.
+
+    Room for an answer is :data:`ANSWER_SLOTS` slots: its first token and the end of turn that may follow.
+    """
+    needed = have + new + ANSWER_SLOTS
+    if needed > self.max_len:
+      raise error(
+          f"row {row}: the dialogue so far ({have} tokens) + {new} new tokens + {ANSWER_SLOTS} answer slots "
+          f"(first answer token, end of turn) = {needed} tokens exceed the KV cache of "
+          f"max_len={self.max_len}; reset the row (start a new dialogue) or use a larger max_len")
 
   def _put(self, tree):
     """Host values (or device arrays) committed to the engine's device (replicated over its mesh)."""
     return jax.device_put(tree, self._placement)
 
   def _run(self, fn, *args, **kwargs):
+    """Calls a jitted step on the engine's parameters (under its mesh, if any)."""
     if self.mesh is None:
-      return fn(self._params, *args, **kwargs)
+      return fn(self._params, *args, structure=self._structure, **kwargs)
     with jax.set_mesh(self.mesh):
-      return fn(self._params, *args, **kwargs)
+      return fn(self._params, *args, structure=self._structure, **kwargs)
+
+  def _prefill_call(self, packed_BX: np.ndarray, sampling, *, window: int, from_start: bool,
+                    all_greedy: bool) -> Prefilled:
+    """One prefill step on chunks packed by :func:`~ism_jax.inference.steps.pack_chunks`; updates the cache
+    and the random key."""
+    self.cache, self._key, out = self._run(steps.prefill, self.cache, packed_BX, self._key, sampling,
+                                           window=window, from_start=from_start, all_greedy=all_greedy)
+    return out
+
+  def _decode_call(self, state: DecodeState, sampling, eot_id, *, all_greedy: bool,
+                   keep_logits: bool) -> DecodeCall:
+    """One call of ``decode_steps`` decode steps; updates the cache and the random key."""
+    self.cache, self._key, out = self._run(steps.decode, self.cache, state, self._key, sampling, eot_id,
+                                           steps=self.decode_steps, all_greedy=all_greedy,
+                                           keep_logits=keep_logits)
+    return out
 
   # --------------------------------------------------------------------------------------------------------
   # One round.
@@ -373,7 +283,7 @@ class Engine:
     for b, chunk in enumerate(chunks):
       if chunk is None:
         continue
-      tokens, types = chunk
+      tokens, types = chunk.tokens, chunk.segment_types
       if tokens.ndim != 1 or tokens.shape != types.shape or tokens.size == 0:
         raise ValueError(f"row {b}: a chunk is two equal non-empty 1-D arrays (tokens, segment types), got "
                          f"shapes {tokens.shape} and {types.shape}")
@@ -384,16 +294,17 @@ class Engine:
         raise ValueError(f"row {b}: chunk segment types must be QUERY (1) or ANSWER (2)")
       if restart[b]:
         starts[b] = 0
-      self.check_fits(b, int(starts[b]), tokens.size)
+      self.check_room(b, int(starts[b]), tokens.size)
       if max_new_tokens[b] < 1:
         raise ValueError(f"row {b}: max_new_tokens={max_new_tokens[b]} must be >= 1")
       budgets[b] = min(max_new_tokens[b], self.max_len - starts[b] - tokens.size - 1)
       rows.append(b)
     if not rows:
       raise ValueError("generate needs at least one row with a chunk")
-    return rows, starts, budgets
+    lengths = np.array([0 if c is None else c.tokens.size for c in chunks], np.int64)
+    return _Plan(rows, starts, budgets, lengths)
 
-  def generate(self, chunks: Sequence[tuple[np.ndarray, np.ndarray] | None], *,
+  def generate(self, chunks: Sequence[Chunk | tuple[np.ndarray, np.ndarray] | None], *,
                restart: bool | Sequence[bool] = False, max_new_tokens: int | Sequence[int] = 256,
                sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
                eot_id: int | None = None, return_logits: bool = False) -> Generation:
@@ -413,84 +324,84 @@ class Engine:
       CacheFullError: a chunk does not fit (row state unchanged).
     """
     start_time = time.perf_counter()
-    chunks = [None if c is None else (np.asarray(c[0], np.int32), np.asarray(c[1], np.int32)) for c in chunks]
+    chunks = [None if c is None else Chunk(*(np.asarray(x, np.int32) for x in c)) for c in chunks]
     per_row = lambda x: [x] * self.batch_size if not isinstance(x, (list, tuple)) else list(x)
     restart, max_new_tokens, sampling = per_row(restart), per_row(max_new_tokens), per_row(sampling)
-    rows, starts, budgets = self._validate(chunks, restart, max_new_tokens)
-    lengths = np.array([0 if c is None else c[0].size for c in chunks], np.int64)
-    all_greedy = all(sampling[b].greedy for b in rows)  # static: greedy steps skip the sort over the vocab
+    plan = self._validate(chunks, restart, max_new_tokens)
+    all_greedy = all(sampling[b].greedy for b in plan.rows)  # static: greedy steps skip the sort over vocab
     sampling_arrays = None if all_greedy else as_arrays(sampling)  # greedy steps take no settings
 
-    first_B, first_on_host_B, first_logits_BV = self._prefill(chunks, rows, starts, lengths, sampling_arrays,
-                                                              all_greedy)
-    first = np.asarray(first_on_host_B)
+    prefilled = self._prefill(chunks, plan, sampling_arrays, all_greedy)
+    first = np.asarray(prefilled.first_on_host_B)
     ttft = time.perf_counter() - start_time
     eot = -1 if eot_id is None else eot_id
-    active = np.isin(np.arange(self.batch_size), rows)
-    fill = np.where(active, starts + lengths, self._fill)
-    remaining = np.where(active, budgets - 1, 0)
+    active = np.isin(np.arange(self.batch_size), plan.rows)
+    fill = np.where(active, plan.starts + plan.lengths, self._fill)
+    remaining = np.where(active, plan.budgets - 1, 0)
     done = ~active | (first == eot) | (remaining <= 0)
-    calls = self._decode_loop(first_B, fill, remaining, done, sampling_arrays, all_greedy, eot, return_logits)
+    calls = self._decode_loop(prefilled.first_B, fill, remaining, done, sampling_arrays, all_greedy, eot,
+                              return_logits)
+    tokens = np.concatenate([first[:, None]] + [np.asarray(c.tokens_BN) for c in calls], axis=1)
     if calls:
-      self._fill, remaining = np.asarray(calls[-1][1]).astype(np.int64), np.asarray(calls[-1][2])
-      tokens = np.concatenate([first[:, None]] + [np.asarray(c[0]) for c in calls], axis=1)
+      self._fill = np.asarray(calls[-1].state.fill_B).astype(np.int64)
+      remaining = np.asarray(calls[-1].state.remaining_B)
     else:
-      self._fill, tokens = fill, first[:, None]
+      self._fill = fill
     decode_time = time.perf_counter() - start_time - ttft
     logits = None
     if return_logits:
-      logits = np.concatenate([np.asarray(first_logits_BV)[:, None]] + [np.asarray(c[4]) for c in calls],
-                              axis=1)
+      logits = np.concatenate([np.asarray(prefilled.logits_BV)[:, None]]
+                              + [np.asarray(c.logits_BNV) for c in calls], axis=1)
+    return self._generation(plan, tokens, remaining, logits, max_new_tokens, eot, ttft, decode_time)
 
+  def _generation(self, plan, tokens_BN, remaining_B, logits_BNV, max_new_tokens, eot, ttft, decode_time
+                  ) -> Generation:
+    """Cuts each row's answer out of the tokens of every step and names why it stopped."""
     out = Generation(answers=[None] * self.batch_size, stop_reasons=[None] * self.batch_size,
-                     logits=[None] * self.batch_size if return_logits else None, ttft_s=ttft,
+                     logits=None if logits_BNV is None else [None] * self.batch_size, ttft_s=ttft,
                      decode_s=decode_time, decode_tokens=0)
-    for b in rows:
-      n = int(budgets[b] - remaining[b])
-      out.answers[b] = tokens[b, :n]
+    for b in plan.rows:
+      n = int(plan.budgets[b] - remaining_B[b])
+      out.answers[b] = tokens_BN[b, :n]
       out.decode_tokens += n - 1
       if out.answers[b][-1] == eot:
         out.stop_reasons[b] = "end_of_turn"
       else:
         out.stop_reasons[b] = "max_new_tokens" if n == max_new_tokens[b] else "cache_full"
-      if return_logits:
-        out.logits[b] = logits[b, :n]
+      if logits_BNV is not None:
+        out.logits[b] = logits_BNV[b, :n]
     return out
 
-  def _prefill(self, chunks, rows, starts, lengths, sampling, all_greedy):
+  def _prefill(self, chunks, plan: _Plan, sampling, all_greedy) -> Prefilled:
     """Pads the chunks to their bucket, picks the key window and runs the prefill step."""
-    padded = self.bucket(int(lengths.max()))
-    from_start = all(starts[b] == 0 for b in rows)
-    reach = int(max(starts[b] + lengths[b] for b in rows))  # one past the furthest slot a chunk writes
+    padded = self.bucket(int(plan.lengths.max()))
+    from_start = all(plan.starts[b] == 0 for b in plan.rows)
+    reach = int(max(plan.starts[b] + plan.lengths[b] for b in plan.rows))  # one past the furthest slot
     window = self.prefill_window(padded, reach, from_start)
     tokens_BT = np.zeros((self.batch_size, padded), np.int32)
     types_BT = np.full((self.batch_size, padded), SegmentType.PAD, np.int32)
-    for b in rows:
-      tokens_BT[b, :lengths[b]], types_BT[b, :lengths[b]] = chunks[b]
-    packed = pack_chunks(tokens_BT, types_BT, starts, lengths)
-    self.cache, first_B, first_on_host_B, logits_BV, self._key = self._run(
-        self._prefill_fn, self.cache, packed, self._key, sampling, window=window, from_start=from_start,
-        all_greedy=all_greedy)
-    return first_B, first_on_host_B, logits_BV
+    for b in plan.rows:
+      tokens_BT[b, :plan.lengths[b]] = chunks[b].tokens
+      types_BT[b, :plan.lengths[b]] = chunks[b].segment_types
+    packed = pack_chunks(tokens_BT, types_BT, plan.starts, plan.lengths)
+    return self._prefill_call(packed, sampling, window=window, from_start=from_start, all_greedy=all_greedy)
 
-  def _decode_loop(self, token_B, fill, remaining, done, sampling, all_greedy, eot, return_logits):
+  def _decode_loop(self, token_B, fill, remaining, done, sampling, all_greedy, eot, return_logits
+                   ) -> list[DecodeCall]:
     """Runs decode calls (``decode_steps`` steps each) until every row is done; the host reads the ``done``
-    flags one call behind, so the next call is queued before it waits.
-
-    Returns per call ``(tokens_BN, fill_B, remaining_B, done_B, logits_BNV)`` (device arrays).
-    """
-    calls = []
+    flags one call behind, so the next call is queued before it waits. Returns the calls (device arrays)."""
+    calls: list[DecodeCall] = []
     if done.all():
       return calls
     fill_B, remaining_B, done_B = self._put((fill.astype(np.int32), remaining.astype(np.int32), done))
+    state = DecodeState(token_B=token_B, fill_B=fill_B, remaining_B=remaining_B, done_B=done_B)
     sampling, eot_id = self._put((sampling, np.int32(eot)))  # moved to the device once
     for i in range(-(-int(remaining.max()) // self.decode_steps)):
-      self.cache, tokens_BN, token_B, fill_B, remaining_B, done_B, self._key, logits_BNV = self._run(
-          self._decode_fn, self.cache, token_B, fill_B, remaining_B, done_B, self._key, sampling, eot_id,
-          steps=self.decode_steps, all_greedy=all_greedy, keep_logits=return_logits)
-      done_B.copy_to_host_async()
-      calls.append((tokens_BN, fill_B, remaining_B, done_B, logits_BNV))
-      if i >= 1 and np.asarray(calls[i - 1][3]).all():
+      call = self._decode_call(state, sampling, eot_id, all_greedy=all_greedy, keep_logits=return_logits)
+      call.state.done_B.copy_to_host_async()
+      calls.append(call)
+      state = call.state
+      if i >= 1 and np.asarray(calls[i - 1].state.done_B).all():
         break
     return calls
 
@@ -498,18 +409,18 @@ class Engine:
     """The key window ``W`` of a prefill of chunks padded to ``padded`` that write up to slot ``reach``."""
     if from_start:
       return padded
-    return max(padded, self.bucket(reach)) if self._windowed else self.max_len
+    return key_window(self.config.attention_impl, max(padded, self.bucket(reach)), self.max_len)
 
-  def prefill_shapes(self, chunk_lengths: Sequence[int]) -> list[tuple[int, int, bool]]:
-    """Every ``(T, W, from_start)`` a chunk of one of these lengths can need (for :meth:`warmup`)."""
+  def prefill_shapes(self, chunk_lengths: Sequence[int]) -> list[PrefillShape]:
+    """Every prefill shape a chunk of one of these lengths can need (for :meth:`warmup`)."""
     shapes = set()
     for padded in {self.bucket(n) for n in chunk_lengths}:
-      shapes.add((padded, padded, True))
-      windows = [w for w in self.buckets if w >= padded] if self._windowed else [self.max_len]
-      shapes.update((padded, w, False) for w in windows)
+      shapes.add(PrefillShape(padded, padded, True))
+      windows = {key_window(self.config.attention_impl, w, self.max_len) for w in self.buckets if w >= padded}
+      shapes.update(PrefillShape(padded, w, False) for w in windows)
     return sorted(shapes)
 
-  def warmup(self, shapes: Sequence[tuple[int, int, bool]] | None = None, chunk_lengths: Sequence[int] = (),
+  def warmup(self, shapes: Sequence[PrefillShape] | None = None, chunk_lengths: Sequence[int] = (),
              modes: Sequence[str] = ("greedy", "sampled")) -> None:
     """Compiles the decode program and the prefill programs ``shapes`` (default: :meth:`prefill_shapes` of
     ``chunk_lengths``), for each sampling mode in ``modes`` (``"greedy"``: every row has temperature 0).
@@ -522,10 +433,9 @@ class Engine:
       sampling = None if all_greedy else as_arrays([SamplingParams()] * self.batch_size)
       for padded, window, from_start in shapes:
         empty = pack_chunks(*(2 * [np.zeros((self.batch_size, padded), np.int32)]), none_B, none_B)
-        self.cache, *_ = self._run(self._prefill_fn, self.cache, empty, self._key, sampling, window=window,
-                                   from_start=from_start, all_greedy=all_greedy)
-      inputs = self._put((none_B, self._fill.astype(np.int32), none_B, np.ones(self.batch_size, bool)))
-      self.cache, *_ = self._run(self._decode_fn, self.cache, *inputs, self._key, self._put(sampling),
-                                 self._put(np.int32(-1)), steps=self.decode_steps, all_greedy=all_greedy,
-                                 keep_logits=False)
+        self._prefill_call(empty, sampling, window=window, from_start=from_start, all_greedy=all_greedy)
+      state = DecodeState(*self._put((none_B, self._fill.astype(np.int32), none_B,
+                                      np.ones(self.batch_size, bool))))
+      self._decode_call(state, self._put(sampling), self._put(np.int32(-1)), all_greedy=all_greedy,
+                        keep_logits=False)
     jax.block_until_ready(self.cache)

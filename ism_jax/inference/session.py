@@ -16,7 +16,6 @@ step per round for all of them); :class:`ChatSession` is a batch of one.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import jax
@@ -24,33 +23,15 @@ from jax.sharding import Mesh
 
 from ism_jax.data.chat_template import encode_answer, encode_query_block, stop_token_id
 from ism_jax.data.dialogue import Message
-from ism_jax.data.tokenizer import ChatTokenizer
+from ism_jax.data.tokenizer import ChatTokenizer, check_vocab_fits
 from ism_jax.inference.dialogues import DialogueBatch, PromptTooLongError, RoundResult
 from ism_jax.inference.engine import DEFAULT_MIN_BUCKET, Engine
 from ism_jax.inference.sampling import SamplingParams
 from ism_jax.masks import SegmentType
 from ism_jax.model import Transformer
+from ism_jax.workdir import restore
 
 Query = str | Sequence[Message]
-
-
-def _restore(workdir: str, step: int | None, overrides: dict):
-  """``(run_config, model, tokenizer)`` of a training workdir; errors name the missing file."""
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir of a training run "
-                            "(it holds checkpoints/ and tokenizer.model)")
-  # Imported here: the training stack (orbax, grain) is needed for loading only.
-  from ism_jax.training.checkpointing import restore_for_inference  # pylint: disable=import-outside-toplevel
-  run_config, model, tokenizer_path = restore_for_inference(workdir, step, overrides or None)
-  if os.path.isdir(tokenizer_path):  # a run fine-tuned from a Hugging Face checkpoint keeps its tokenizer
-    from ism_jax.convert import load_hf_tokenizer  # pylint: disable=import-outside-toplevel
-    tokenizer = load_hf_tokenizer(tokenizer_path)
-  else:
-    tokenizer = ChatTokenizer.load(tokenizer_path)
-  if tokenizer.vocab_size > model.config.vocab_size:
-    raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the model's vocab_size is "
-                     f"{model.config.vocab_size}; the workdir's tokenizer does not belong to its checkpoint")
-  return run_config, model, tokenizer
 
 
 class ChatBatch:
@@ -75,9 +56,7 @@ class ChatBatch:
                kind: str | None = None, max_len: int = 2048, max_new_tokens: int = 256,
                sampling: SamplingParams = SamplingParams(), system: str | None = None,
                mesh: Mesh | None = None, seed: int = 0, min_bucket: int = DEFAULT_MIN_BUCKET):
-    if tokenizer.vocab_size > model.config.vocab_size:
-      raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
-                       f"{model.config.vocab_size}; use the tokenizer the model was trained with")
+    check_vocab_fits(tokenizer, model.config.vocab_size, "use the tokenizer the model was trained with")
     self.tokenizer = tokenizer
     self.kind = model.config.mask if kind is None else kind
     self.max_new_tokens = max_new_tokens
@@ -101,9 +80,9 @@ class ChatBatch:
       FileNotFoundError: naming the missing workdir, tokenizer file or checkpoint.
     """
     overrides = {k: v for k, v in (("attention_impl", attention_impl), ("compute_dtype", compute_dtype)) if v}
-    run_config, model, tokenizer = _restore(workdir, step, overrides)
-    max_len = int(run_config.data.seq_len) if max_len is None else max_len
-    return cls(model, tokenizer, max_len=max_len, **kwargs)
+    run = restore(workdir, step, overrides)
+    max_len = int(run.run_config.data.seq_len) if max_len is None else max_len
+    return cls(run.model, run.tokenizer, max_len=max_len, **kwargs)
 
   @classmethod
   def pretrained(cls, source: str, *, kind: str = "causal", max_len: int = 2048,

@@ -1,25 +1,8 @@
-"""Orbax checkpoints of a training run, the workdir layout, and loading a trained model for inference.
+"""Orbax checkpoints of a training run and the files the trainer writes into its workdir.
 
-Workdir layout::
-
-    WORKDIR/
-      config.json              run config of the latest start (for reading; each checkpoint has its own)
-      tokenizer.model          the run's ChatTokenizer, copied in atomically
-      hf_tokenizer/            instead, the tokenizer files of a pretrained model (init_from)
-      metrics.jsonl            one JSON object per logged step
-      tensorboard/             TensorBoard event files
-      checkpoints/<step>/      one Orbax checkpoint per saved step, items:
-        params/                model parameters (pure dict of float32 arrays, as nnx.to_pure_dict)
-        opt_state/             optimizer state
-        data/                  the train iterator's state, one JSON file per host (grain)
-        meta/                  JSON: step, run config, tokenizer sha256 and vocab size
-
-Checkpoints are written by an async ``CheckpointManager`` that keeps the newest ``keep`` of them; a step is
-visible only once fully written, so a run killed mid-write resumes from the previous one.
-
-For inference::
-
-    run_config, model, tokenizer_path = restore_for_inference("runs/default")
+The workdir layout is described (and read back for inference) in :mod:`ism_jax.workdir`. Checkpoints are
+written by an async ``CheckpointManager`` that keeps the newest ``keep`` of them; a step is visible only once
+fully written, so a run killed mid-write resumes from the previous one.
 """
 
 from __future__ import annotations
@@ -31,21 +14,14 @@ import tempfile
 from typing import Any
 
 import grain
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from ism_jax.model import ModelConfig, Transformer
 from ism_jax.training import config as config_lib
+from ism_jax.workdir import CHECKPOINT_DIR, CONFIG_FILE, HF_TOKENIZER_DIR, ITEMS, TOKENIZER_FILE
 
-CHECKPOINT_DIR = "checkpoints"
-TOKENIZER_FILE = "tokenizer.model"
-HF_TOKENIZER_DIR = "hf_tokenizer"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                       "chat_template.jinja", "chat_template.json")
-CONFIG_FILE = "config.json"
-ITEMS = ("params", "opt_state", "data", "meta")
 
 
 class CheckpointMismatchError(ValueError):
@@ -133,9 +109,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
   def save(self, step: int, params, opt_state, data_iterator, meta: dict[str, Any]) -> None:
     """Starts writing step ``step`` (returns before the write ends when async)."""
     self.manager.save(step, args=ocp.args.Composite(
@@ -197,66 +170,3 @@ def check_resume(meta: dict, config: ml_collections.ConfigDict, tokenizer: dict[
     raise CheckpointMismatchError(
         f"cannot resume checkpoint {where}: these fields differ from the run that wrote it: "
         + "; ".join(diffs) + ". Resume with the same values or start a new --workdir")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Inference.
-# ----------------------------------------------------------------------------------------------------------
-
-
-def restore_for_inference(workdir: str, step: int | None = None, model_overrides: dict | None = None,
-                          ) -> tuple[ml_collections.ConfigDict, Transformer, str]:
-  """Loads a trained model from a training workdir.
-
-  Args:
-    workdir: the ``--workdir`` of a training run.
-    step: checkpoint step; ``None`` = the latest.
-    model_overrides: ``ModelConfig`` fields that do not change the parameters, e.g.
-      ``{"attention_impl": "xla"}`` (``attention_impl``, ``remat_policy``, ``compute_dtype``).
-
-  Returns:
-    ``(run_config, model, tokenizer_path)``: the run config saved with the checkpoint, the
-    :class:`~ism_jax.Transformer` with restored parameters (on the default device), and the path of the
-    workdir's tokenizer: ``WORKDIR/tokenizer.model`` (load with ``ChatTokenizer.load``) or, for a run
-    started from a Hugging Face checkpoint, the folder ``WORKDIR/hf_tokenizer`` (load with
-    ``ism_jax.convert.load_hf_tokenizer``).
-  """
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
-  tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
-  if not os.path.isfile(tokenizer_path) and os.path.isdir(os.path.join(workdir, HF_TOKENIZER_DIR)):
-    tokenizer_path = os.path.join(workdir, HF_TOKENIZER_DIR)
-  if not os.path.exists(tokenizer_path):
-    raise FileNotFoundError(f"{tokenizer_path} is missing: {workdir} is not a training workdir, or its "
-                            "tokenizer was deleted (training copies it there on start)")
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  manager = None
-  if os.path.isdir(directory):
-    options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
-    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS, options=options)
-  steps = list(manager.all_steps()) if manager else []
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint in {directory}; train first "
-                            f"(python train.py --config ... --workdir {workdir})")
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f"no checkpoint {os.path.join(directory, str(step))}; available steps: {steps}")
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  run_config = config_lib.from_json_dict(meta["config"])
-  model_config = config_lib.model_config(run_config)
-  if model_overrides:
-    unknown = sorted(set(model_overrides) - set(config_lib.MODEL_RUNTIME_FIELDS))
-    if unknown:
-      raise ValueError(f"model_overrides {unknown} would change the parameters; only "
-                       f"{config_lib.MODEL_RUNTIME_FIELDS} may be overridden")
-    model_config = ModelConfig(**{**dict(run_config.model), **model_overrides})
-    run_config.model.update(model_overrides)
-  abstract = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        nnx.to_pure_dict(state))
-  params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
-  manager.close()
-  return run_config, nnx.merge(graphdef, params), tokenizer_path
-

@@ -14,7 +14,6 @@ not in the schema is refused with the list of valid ones, whether it comes from 
     metrics.*       peak FLOP/s for MFU, TensorBoard
     sample.*        the short chat printed after training
     distributed.*   jax.distributed.initialize() for multi-host runs
-    debug.*         fault injection used by the resume tests
 """
 
 from __future__ import annotations
@@ -27,23 +26,29 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from ism_jax.data import packing
 from ism_jax.model import ModelConfig
 
+# Sections that older runs saved and this schema dropped (``debug``: a test-only fault injection).
+RETIRED_SECTIONS = ("debug",)
 # Fields whose change would make a resumed run read different data or build a different model.
 RESUME_LOCKED_FIELDS = ("seed", "data.name", "data.seq_len", "data.loss_on", "training.global_batch_size",
                         "model.mask")
-# Model fields that may change between save and resume (they do not change the parameters).
-MODEL_RUNTIME_FIELDS = ("attention_impl", "remat_policy", "compute_dtype")
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Every valid field with its default value (the schema of a run config)."""
+def base_config(model: str | None = None) -> ml_collections.ConfigDict:
+  """Every valid field with its default value (the schema of a run config).
+
+  ``model`` names a size of :data:`ism_jax.model.PRESETS` for the ``model`` section (``None``: the
+  ``ModelConfig`` defaults); config files start from this and change what differs.
+  """
   config = ml_collections.ConfigDict()
   config.seed = 0  # parameter-init seed and data shuffle seed
   config.init_from = ""  # pretrained start: HF checkpoint dir, .gguf file or "smollm2"; "" = random init
 
   # The model: every field of ism_jax.ModelConfig (see ism_jax/model.py for their meaning).
-  config.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
+  model_config = ModelConfig() if model is None else ModelConfig.preset(model)
+  config.model = ml_collections.ConfigDict(dataclasses.asdict(model_config))
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "chitchat"  # "chitchat", "synthetic_multiturn[/small]" or an imported JSONL dataset
@@ -77,6 +82,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.training.keep_checkpoints = 3  # newest checkpoints kept on disk
   config.training.async_checkpoints = True  # write checkpoints in the background
 
+  _add_run_sections(config)
+  return config
+
+
+def _add_run_sections(config: ml_collections.ConfigDict) -> None:
+  """The sections of :func:`base_config` about where and how the run executes (not what it learns)."""
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # data-parallel size; -1 = all devices left over
   config.mesh.fsdp = 1  # parameter-sharding (ZeRO-3) size
@@ -97,10 +108,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.distributed.coordinator_address = ""  # "host:port" of process 0; "" = detect (TPU, Slurm, Open MPI)
   config.distributed.num_processes = 0  # processes in the job; 0 = detect
   config.distributed.process_id = -1  # this process's index; -1 = detect
-
-  config.debug = ml_collections.ConfigDict()
-  config.debug.kill_at_step = 0  # SIGKILL this process right after that step (resume tests); 0 = never
-  return config
 
 
 def pretrained_config(source: str) -> ml_collections.ConfigDict:
@@ -186,8 +193,10 @@ def validate(config: ml_collections.ConfigDict, where: str = "config") -> None:
       problems.append(f"training.{name}={training[name]} must be at least 1")
   if training.eval_every < 0:
     problems.append(f"training.eval_every={training.eval_every} must be >= 0")
-  if config.data.loss_on not in ("all", "last"):
-    problems.append(f"data.loss_on={config.data.loss_on!r} must be 'all' or 'last'")
+  try:
+    packing.check_loss_on(config.data.loss_on, "data.loss_on")
+  except ValueError as e:
+    problems.append(str(e))
   if config.data.seq_len < 2:
     problems.append(f"data.seq_len={config.data.seq_len} must be at least 2")
   if [mesh.data, mesh.fsdp, mesh.tensor].count(-1) > 1:
@@ -200,12 +209,7 @@ def validate(config: ml_collections.ConfigDict, where: str = "config") -> None:
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """The :class:`ModelConfig` of a run config's ``model`` section (unknown fields are refused)."""
-  values = dict(config.model)
-  names = [f.name for f in dataclasses.fields(ModelConfig)]
-  unknown = sorted(set(values) - set(names))
-  if unknown:
-    raise ValueError(f"unknown model config fields {unknown}; valid fields of model: {', '.join(names)}")
-  return ModelConfig(**values)
+  return ModelConfig.from_dict(config.model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,7 +252,7 @@ def resume_differences(saved: ml_collections.ConfigDict, current: ml_collections
     if _get(saved, path) != _get(current, path):
       diffs.append(f"{path}: checkpoint {_get(saved, path)!r}, now {_get(current, path)!r}")
   for name in dataclasses.asdict(ModelConfig()):
-    if name in MODEL_RUNTIME_FIELDS or f"model.{name}" in RESUME_LOCKED_FIELDS:
+    if name in ModelConfig.RUNTIME_FIELDS or f"model.{name}" in RESUME_LOCKED_FIELDS:
       continue
     if _as_tuples(saved.model.get(name)) != _as_tuples(current.model.get(name)):
       diffs.append(f"model.{name}: checkpoint {saved.model.get(name)!r}, now {current.model.get(name)!r}")
@@ -269,10 +273,11 @@ def _get(config: ml_collections.ConfigDict, path: str) -> Any:
 def from_json_dict(values: dict) -> ml_collections.ConfigDict:
   """A run config saved as JSON (a plain nested dict) back as a ``ConfigDict`` on top of the schema.
 
-  Fields added to the schema after the checkpoint was written keep their defaults.
+  Fields added to the schema after the checkpoint was written keep their defaults; sections the schema no
+  longer has (:data:`RETIRED_SECTIONS`) are ignored.
   """
   config = base_config()
-  values = dict(values)
+  values = {k: v for k, v in values.items() if k not in RETIRED_SECTIONS}
   if "init_from_hf" in values:  # the field's name before GGUF files could be given too
     values["init_from"] = values.pop("init_from_hf")
   _update(config, values, "")

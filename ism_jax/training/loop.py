@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -34,7 +34,8 @@ import numpy as np
 from flax import nnx
 
 from ism_jax import sharding
-from ism_jax.training import checkpointing, evaluation, flops, inputs, metrics
+from ism_jax.data.pipeline import Inputs
+from ism_jax.training import checkpointing, evaluation, flops, inputs, metrics, sample
 from ism_jax.training import config as config_lib
 from ism_jax.training import train_step as ts
 from ism_jax.training.optimizer import optimizer_from_config
@@ -175,7 +176,7 @@ def _pretrained_params(config, model_config, mesh):
                      f"could not be imported ({e}); set --config.init_from='' to start from random "
                      "weights") from e
   runtime = {name: getattr(model_config, name)
-             for name in (*config_lib.MODEL_RUNTIME_FIELDS, "mask", "scan_layers", "param_dtype")}
+             for name in (*model_config.RUNTIME_FIELDS, "mask", "scan_layers", "param_dtype")}
   hf_config, model = load_pretrained(config.init_from, mesh, **runtime)
   names = [f.name for f in dataclasses.fields(model_config)]
   diffs = [f"model.{n}: checkpoint {getattr(hf_config, n)!r}, config {getattr(model_config, n)!r}"
@@ -188,25 +189,35 @@ def _pretrained_params(config, model_config, mesh):
   return graphdef, nnx.to_pure_dict(state)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run in ``workdir``. Returns the last metrics record (with eval results).
+@dataclasses.dataclass
+class _Run:
+  """What the step loop works with, built once by :func:`train`."""
 
-  Raises:
-    ValueError: invalid config, data or a checkpoint that does not fit this run (nothing written).
-    NonFiniteLossError: the loss became NaN/Inf (the newest checkpoint is the last good one).
-  """
-  config_lib.validate(config)
-  model_config = config_lib.model_config(config)
-  primary = jax.process_index() == 0
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  config: ml_collections.ConfigDict
+  model_config: Any
+  mesh: Any
+  data: Inputs
+  checkpointer: checkpointing.Checkpointer
+  fingerprint: dict
+  step_fn: Callable
+  eval_fn: Callable
+  schedule: Callable
+  writer: metrics.MetricsWriter
+  progress: metrics.Progress
+  peak: float | None
+
+
+def _check_mesh(config: ml_collections.ConfigDict, mesh) -> None:
   rows, accum = config.training.global_batch_size, config.training.grad_accum_steps
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if (rows // accum) % shards:
     raise ValueError(f"each microbatch of training.global_batch_size / grad_accum_steps = {rows // accum} "
                      f"rows must divide evenly over the mesh's data x fsdp = {shards} devices")
-  pipe, tokenizer = inputs.prepare(config)
-  fingerprint = checkpointing.tokenizer_fingerprint(tokenizer)
 
+
+def _open_workdir(config, workdir: str, tokenizer, fingerprint: dict, primary: bool):
+  """The checkpointer and the step to resume from (``None``: a new run), after the resume checks; only then
+  the tokenizer and config are written."""
   os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints,
                                             config.training.async_checkpoints)
@@ -216,92 +227,131 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if primary:
     checkpointing.install_tokenizer(workdir, tokenizer)
     checkpointing.write_config(workdir, config)
+  return checkpointer, latest
+
+
+def _announce(run: _Run, start: int, workdir: str, state) -> None:
+  """The start message, a note when there is nothing left to train, and the step-0 evaluation (on every
+  process: it is a collective; messages print on process 0 only)."""
+  config, t = run.config, run.config.training
+  run.progress.message(
+      f"{'resuming from step ' + str(start) if start else 'starting'}: "
+      f"{run.model_config.num_params() / 1e6:.2f}M parameters, mask {run.model_config.mask!r}, mesh "
+      f"{dict(run.mesh.shape)}, {t.global_batch_size} rows x {config.data.seq_len} tokens per step, "
+      f"workdir {workdir}")
+  if start >= t.num_steps:
+    run.progress.message(f"the checkpoint at step {start} already reaches training.num_steps={t.num_steps}; "
+                         "raise --config.training.num_steps to train further")
+  if start == 0 and t.eval_every and run.data.eval_batches:  # the starting point of the eval curves
+    with jax.set_mesh(run.mesh):
+      initial = evaluation.evaluate(run.eval_fn, state.params, run.data.eval_batches, run.mesh)
+    run.writer.write(0, initial)
+    run.progress.message(f"step 0: {evaluation.summary(initial)}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          after_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the run in ``workdir``. Returns the last metrics record (with eval results).
+
+  ``after_step(step)``, when given, is called after each step once its metrics and checkpoint are handled
+  (a hook for tools and tests, e.g. one that kills the process at a chosen step).
+
+  Raises:
+    ValueError: invalid config, data or a checkpoint that does not fit this run (nothing written).
+    NonFiniteLossError: the loss became NaN/Inf (the newest checkpoint is the last good one).
+  """
+  config_lib.validate(config)
+  model_config = config_lib.model_config(config)
+  primary = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  _check_mesh(config, mesh)
+  data = inputs.prepare(config)
+  fingerprint = checkpointing.tokenizer_fingerprint(data.tokenizer)
+  checkpointer, latest = _open_workdir(config, workdir, data.tokenizer, fingerprint, primary)
 
   optimizer, schedule = optimizer_from_config(config.optimizer, config.training.num_steps)
-  train_iter = inputs.train_iterator(pipe, tokenizer)
   graphdef, state, shardings = _restore_or_init(config, model_config, mesh, optimizer, checkpointer, latest,
-                                                train_iter)
+                                                data.train)
   start = latest or 0
-  kind = model_config.mask
-  step_fn = ts.jit_train_step(ts.make_train_step(graphdef, optimizer, kind, accum), shardings, mesh)
-  eval_fn = ts.jit_eval_step(ts.make_eval_step(graphdef, evaluation.NUM_ROUNDS), shardings.params, mesh)
-  eval_batches = inputs.eval_batches(pipe, tokenizer, config.data.eval_max_dialogues, kind)
-
+  train_step = ts.make_train_step(graphdef, optimizer, model_config.mask, config.training.grad_accum_steps)
   writer = metrics.MetricsWriter(workdir, enabled=primary, tensorboard=config.metrics.tensorboard,
                                  resume_step=start)
-  progress = metrics.Progress(config.training.num_steps, start, enabled=primary)
-  peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_tflops_per_device)
-  if primary:
-    progress.message(
-        f"{'resuming from step ' + str(start) if start else 'starting'}: "
-        f"{model_config.num_params() / 1e6:.2f}M parameters, mask {kind!r}, mesh {dict(mesh.shape)}, "
-        f"{rows} rows x {config.data.seq_len} tokens per step, workdir {workdir}")
-  t = config.training
-  if start >= t.num_steps and primary:
-    progress.message(f"the checkpoint at step {start} already reaches training.num_steps={t.num_steps}; "
-                     "raise --config.training.num_steps to train further")
-  if start == 0 and t.eval_every and eval_batches:  # the starting point of the eval curves
-    with jax.set_mesh(mesh):
-      initial = evaluation.evaluate(eval_fn, state.params, eval_batches, mesh)
-    writer.write(0, initial)
-    progress.message(f"step 0: {evaluation.summary(initial)}")
-  window, saved, record, step = _Window(), latest, {}, start
+  run = _Run(
+      config=config, model_config=model_config, mesh=mesh, data=data, checkpointer=checkpointer,
+      fingerprint=fingerprint, step_fn=ts.jit_train_step(train_step, shardings, mesh),
+      eval_fn=ts.jit_eval_step(ts.make_eval_step(graphdef, evaluation.NUM_ROUNDS), shardings.params, mesh),
+      schedule=schedule, writer=writer, progress=metrics.Progress(config.training.num_steps, start,
+                                                                  enabled=primary),
+      peak=flops.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_tflops_per_device))
+  _announce(run, start, workdir, state)
   try:
-    with _StopSignal(checkpointer) as stop, jax.set_mesh(mesh):
-      for step in range(start + 1, t.num_steps + 1):
-        host_batch = next(train_iter)
-        inputs.check_batch(host_batch, kind)
-        state, step_metrics = step_fn(state, ts.device_batch(host_batch, mesh))
-        window.pending.append((step, step_metrics))
-        if step == start + 1:  # compile step: block so that throughput windows exclude it
-          jax.block_until_ready(step_metrics)
-          window.start_time = time.time()
-        else:
-          window.timed_steps += 1
-        stopping = stop.stopping(step)
-        last = step == t.num_steps or stopping
-        do_eval = step == t.num_steps or (t.eval_every and step % t.eval_every == 0)
-        do_save = last or step % t.checkpoint_every == 0
-        if last or do_eval or do_save or step % t.log_every == 0:
-          values = window.fetch(saved, checkpointer.directory)
-          seconds = time.time() - window.start_time
-          record = _record(values, seconds, window.timed_steps, model_config, peak, jax.device_count(),
-                           schedule)
-          if do_eval and eval_batches:
-            record.update(evaluation.evaluate(eval_fn, state.params, eval_batches, mesh))
-            progress.message(f"step {step}: {evaluation.summary(record)}")
-          writer.write(step, record)
-          progress.update(step, record["loss"], record["tokens_per_sec"], record["mfu"])
-          window = _Window(start_time=time.time())
-        if do_save:
-          meta = checkpointing.checkpoint_meta(step, config, fingerprint)
-          data_state = _IteratorSnapshot(train_iter.get_state())
-          checkpointer.save(step, state.params, state.opt_state, data_state, meta)
-          saved = step
-        if config.debug.kill_at_step == step:
-          checkpointer.wait()
-          os.kill(os.getpid(), signal.SIGKILL)
-        if stopping:
-          progress.message(f"{stop.received} received: saved step {step} to {checkpointer.directory}; "
-                           "run the same command to resume")
-          break
+    state, step, record = _loop(run, state, start, latest, after_step)
   finally:
     checkpointer.wait()
     checkpointer.close()
-    writer.close()
-    progress.close()
-  if step == t.num_steps and config.sample.enabled and primary and jax.process_count() == 1:
-    _print_sample(config, state, graphdef, tokenizer, pipe, writer_step=step)
+    run.writer.close()
+    run.progress.close()
+  if step == config.training.num_steps and config.sample.enabled and primary and jax.process_count() == 1:
+    _print_sample(config, state, graphdef, data, writer_step=step)
   return {"step": step, **record}
 
 
-def _print_sample(config, state, graphdef, tokenizer, pipe, writer_step: int) -> None:
+def _loop(run: _Run, state, start: int, latest: int | None, after_step):
+  """Steps ``start + 1 ... num_steps`` (or until a stop signal). Returns ``(state, last step, record)``."""
+  t, kind = run.config.training, run.model_config.mask
+  window, saved, record, step = _Window(), latest, {}, start
+  with _StopSignal(run.checkpointer) as stop, jax.set_mesh(run.mesh):
+    for step in range(start + 1, t.num_steps + 1):
+      host_batch = next(run.data.train)
+      inputs.check_batch(host_batch, kind)
+      state, step_metrics = run.step_fn(state, ts.device_batch(host_batch, run.mesh))
+      window.pending.append((step, step_metrics))
+      if step == start + 1:  # compile step: block so that throughput windows exclude it
+        jax.block_until_ready(step_metrics)
+        window.start_time = time.time()
+      else:
+        window.timed_steps += 1
+      stopping = stop.stopping(step)
+      last = step == t.num_steps or stopping
+      do_eval = step == t.num_steps or (t.eval_every and step % t.eval_every == 0)
+      do_save = last or step % t.checkpoint_every == 0
+      if last or do_eval or do_save or step % t.log_every == 0:
+        record = _write_record(run, window, step, state, saved, do_eval)
+        window = _Window(start_time=time.time())
+      if do_save:
+        meta = checkpointing.checkpoint_meta(step, run.config, run.fingerprint)
+        data_state = _IteratorSnapshot(run.data.train.get_state())
+        run.checkpointer.save(step, state.params, state.opt_state, data_state, meta)
+        saved = step
+      if after_step is not None:
+        after_step(step)
+      if stopping:
+        run.progress.message(f"{stop.received} received: saved step {step} to {run.checkpointer.directory}; "
+                             "run the same command to resume")
+        break
+  return state, step, record
+
+
+def _write_record(run: _Run, window: _Window, step: int, state, saved: int | None, do_eval: bool) -> dict:
+  """Fetches the window's metrics (stopping at a NaN/Inf), evaluates when due, and writes the record."""
+  values = window.fetch(saved, run.checkpointer.directory)
+  seconds = time.time() - window.start_time
+  record = _record(values, seconds, window.timed_steps, run.model_config, run.peak, jax.device_count(),
+                   run.schedule)
+  if do_eval and run.data.eval_batches:
+    record.update(evaluation.evaluate(run.eval_fn, state.params, run.data.eval_batches, run.mesh))
+    run.progress.message(f"step {step}: {evaluation.summary(record)}")
+  run.writer.write(step, record)
+  run.progress.update(step, record["loss"], record["tokens_per_sec"], record["mfu"])
+  return record
+
+
+def _print_sample(config, state, graphdef, data, writer_step: int) -> None:
   """Greedy multi-turn chat on the first validation dialogues' user turns."""
-  from ism_jax.training import sample  # pylint: disable=import-outside-toplevel
   params = jax.device_put(state.params, jax.devices()[0])
   model = nnx.merge(graphdef, params)
-  for i, dialogue in enumerate(inputs.sample_dialogues(pipe, config.sample.dialogues)):
-    turns = sample.sample_chat(model, tokenizer, dialogue, config.sample.rounds,
+  for i, dialogue in enumerate(data.sample_dialogues):
+    turns = sample.sample_chat(model, data.tokenizer, dialogue, config.sample.rounds,
                                config.sample.max_answer_tokens, max_len=config.data.seq_len)
     print(f"\nsample chat {i + 1} (greedy, after step {writer_step}; user turns from the validation split):")
     print(sample.format_chat(turns), flush=True)

@@ -83,11 +83,6 @@ class MetricsWriter:
           self._tb.add_scalar(key if "/" in key else f"train/{key}", float(value), int(step))
       self._tb.flush()
 
-  def write_text(self, step: int, tag: str, text: str) -> None:
-    if self.enabled and self._tb is not None:
-      self._tb.add_text(tag, text, int(step))
-      self._tb.flush()
-
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

@@ -27,10 +27,10 @@ import abc
 import re
 from typing import Sequence, Union
 
-from ism_jax.convert.hf_tokenizer import HFTokenizer
+from ism_jax.data.hf_tokenizer import HFTokenizer
 from ism_jax.data import chat_template
 from ism_jax.data.chat_template import EncodedDialogue
-from ism_jax.data.dialogue import Message
+from ism_jax.data.dialogue import Message, check_query_block
 
 
 class Special(str):
@@ -193,9 +193,7 @@ class HFChatTokenizer:
 
   def encode_query_block(self, messages: Sequence[Message], *, first: bool = False) -> list[int]:
     """One round's query side (system/user/tool messages, then the assistant header)."""
-    for message in messages:
-      if not message.is_query:
-        raise ValueError(f"a query block holds system/user/tool messages only, got role {message.role!r}")
+    check_query_block(messages)
     return encode_parts(self.tokenizer, self.format.query_parts(messages, first))
 
   def encode_answer(self, content: str) -> list[int]:
