@@ -25,7 +25,7 @@ from ism_jax.convert import load_hf_tokenizer, save_hf_model  # noqa: E402
 from ism_jax.convert.pretrained import resolve  # noqa: E402
 from ism_jax.data.dialogue import Message  # noqa: E402
 from ism_jax.masks import SegmentType  # noqa: E402
-from ism_jax.training.checkpointing import restore_for_inference  # noqa: E402
+from ism_jax.workdir import restore  # noqa: E402
 
 CHAT = [Message("user", "Hi! What should I cook tonight?"), Message("assistant", "How about a quick pasta?"),
         Message("user", "Sounds good. Which sauce?"), Message("assistant", "Tomato and basil is easy.")]
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   parser.add_argument("--reference", action="store_true", help="also write ism_jax_logits.npz")
   args = parser.parse_args(argv)
-  run_config, model, tokenizer_path = restore_for_inference(args.workdir, model_overrides={
-      "compute_dtype": "float32", "attention_impl": "xla"})
+  restored = restore(args.workdir, model_overrides={"compute_dtype": "float32", "attention_impl": "xla"})
+  run_config, model, tokenizer_path = restored.run_config, restored.model, restored.tokenizer_path
   source = resolve(run_config.init_from) if run_config.init_from else None
   files = save_hf_model(model, args.out, source=source, dtype=args.dtype)
   if os.path.isdir(tokenizer_path):  # the tokenizer the run trained with, as it was installed

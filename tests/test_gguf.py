@@ -247,7 +247,8 @@ def test_finetune_from_a_gguf_file_then_export(tmp_path):
   import sys  # pylint: disable=import-outside-toplevel
 
   from ism_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
-  from ism_jax.training import checkpointing, loop  # pylint: disable=import-outside-toplevel
+  from ism_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from ism_jax.training import loop  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
   import export_hf  # pylint: disable=import-outside-toplevel
   path = str(tmp_path / "tiny.gguf")
@@ -266,7 +267,7 @@ def test_finetune_from_a_gguf_file_then_export(tmp_path):
   out = str(tmp_path / "export")
   assert export_hf.main(["--workdir", workdir, "--out", out]) == 0
   _, exported = load_hf_model(out, **EXACT)
-  trained = checkpointing.restore_for_inference(workdir, model_overrides=EXACT)[1]
+  trained = workdir_lib.restore(workdir, model_overrides=EXACT).model
   tokens = np.arange(16) % TINY.vocab_size
   np.testing.assert_allclose(_causal_logits(exported, tokens), _causal_logits(trained, tokens), atol=1e-5)
   assert not np.allclose(_causal_logits(exported, tokens), _causal_logits(model, tokens))  # it trained

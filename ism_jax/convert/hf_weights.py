@@ -79,7 +79,8 @@ def entries(config: ModelConfig) -> list[Entry]:
   """Every parameter of a model of ``config``, in checkpoint order."""
   if config.fused_projections:
     raise ValueError("fused_projections=True is a serving layout without a Hugging Face equivalent: convert "
-                     "the unfused model (ism_jax.inference.rewrites.fuse_projections makes the serving layout from it)")
+                     "the unfused model (ism_jax.inference.rewrites.fuse_projections makes the serving "
+                     "layout from it)")
   layer = "model.layers.{i}."
   out = [Entry(("embed",), "model.embed_tokens.weight", "same"),
          Entry(("attn_norm", "scale"), layer + "input_layernorm.weight", "flat")]
