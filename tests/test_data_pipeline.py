@@ -2,12 +2,13 @@
 
 import dataclasses
 import json
+import threading
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ism_jax.data import builders, pipeline, synthetic
+from ism_jax.data import builders, packing, pipeline, synthetic
 from ism_jax.data.dialogue import split_rounds
 from ism_jax.masks import validate_segments
 
@@ -194,3 +195,43 @@ def test_chitchat_builds_offline_with_the_user_opening(tmp_path):
   for i in range(0, len(train), 500):
     messages = builders.record_to_messages(train[i])
     assert messages[0].role == "user" and any(m.role == "assistant" for m in messages)
+
+
+def test_length_survey_counts_what_truncation_does(data):
+  config, tokenizer = data
+  survey = pipeline.survey_lengths(config, tokenizer)
+  source = builders.data_source(config.name, config.data_dir, "train")
+  encoded = [pipeline._Encode(tokenizer).map(source[i]) for i in range(len(source))]
+  verdicts = [packing.truncate_rounds(d, config.seq_len) for d in encoded]
+  assert survey.surveyed == survey.total == 120
+  assert survey.dropped == sum(kept is None for kept, _ in verdicts)
+  assert survey.truncated == sum(kept is not None and dropped > 0 for kept, dropped in verdicts)
+  assert survey.truncated > 0  # seq_len 96 shortens some of the 2-6 round dialogues
+  assert (survey.shortest, survey.longest) == (min(map(len, encoded)), max(map(len, encoded)))
+  sample = pipeline.survey_lengths(config, tokenizer, max_dialogues=10)
+  assert sample.surveyed == 10 and sample.total == 120 and "10 of 120 dialogues surveyed" in sample.summary()
+
+
+def test_no_dialogue_fitting_seq_len_fails_instead_of_reading_forever(data):
+  """Every dialogue dropped: a pass over the shard raises, where the iterator used to loop forever."""
+  config, tokenizer = data
+  short = dataclasses.replace(config, seq_len=8)
+  survey = pipeline.survey_lengths(short, tokenizer)
+  assert survey.dropped == survey.surveyed and survey.seq_len_keeping(0.0) == survey.first_rounds[-1] > 8
+  iterator = pipeline.make_train_iterator(short, tokenizer)
+  outcome = []
+  thread = threading.Thread(target=lambda: outcome.append(_raised(lambda: next(iterator))), daemon=True)
+  thread.start()
+  thread.join(timeout=120)
+  assert outcome, "next() on a stream where nothing fits seq_len did not return within 120 s"
+  assert isinstance(outcome[0], ValueError), outcome
+  assert "120 dialogues in a row of synthetic_multiturn/tiny/train (shard 0 of 1)" in str(outcome[0])
+  assert "seq_len=8" in str(outcome[0])
+
+
+def _raised(function):
+  try:
+    function()
+  except Exception as e:  # pylint: disable=broad-except
+    return e
+  return None

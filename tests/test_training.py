@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from flax import nnx
 from ism_jax import ModelConfig, SegmentType, Transformer, make_attention_mask, sharding
 from ism_jax import workdir as workdir_lib
 from ism_jax.data import pipeline
+from ism_jax.data.import_jsonl import import_jsonl
 from ism_jax.data.tokenizer import ChatTokenizer
 from ism_jax.training import checkpointing, flops, inputs, loop, metrics, sample
 from ism_jax.training import config as config_lib
@@ -173,6 +175,54 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
   assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == bad_step - 1
   model = workdir_lib.restore(str(tmp_path)).model
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+def _tokenizer_path(data_dir: str) -> str:
+  return pipeline.load_tokenizer(inputs.pipeline_config(tiny_config(data_dir))).path
+
+
+def test_dropped_dialogues_are_reported_and_refused_above_the_limit(data_dir, tmp_path, capsys):
+  """Half the conversations have a system prompt longer than seq_len: reported, refused at a 0.4 limit."""
+  lines = []
+  for i in range(20):
+    system = [{"role": "system", "content": "cat is 4 and dog is 7. " * 40}] if i % 2 else []
+    lines.append(json.dumps({"messages": system + [{"role": "user", "content": f"cat dog sum {i} ?"},
+                                                   {"role": "assistant", "content": f"{i + 11}"}]}))
+  (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+  import_jsonl(str(tmp_path / "mixed.jsonl"), "mixed_lengths", data_dir, validation_percent=0)
+  config = tiny_config(data_dir)
+  config.data.update(name="mixed_lengths", tokenizer_path=_tokenizer_path(data_dir), max_dropped_fraction=0.4)
+  config.training.update(num_steps=2, eval_every=0, checkpoint_every=2)
+  config.sample.enabled = False
+  workdir = str(tmp_path / "run")
+  with pytest.raises(ValueError, match=r"10 of 20 surveyed dialogues \(50.0%\) of dataset mixed_lengths/train "
+                     r"would be dropped at data.seq_len=128 .*than data.max_dropped_fraction=0.4. Set "
+                     r"--config.data.seq_len=\d+"):
+    loop.train(config, workdir)
+  assert not os.path.exists(workdir)
+  config.data.max_dropped_fraction = 0.5
+  loop.train(config, workdir)
+  assert "10 dropped (50.0%, first round longer than seq_len), 0 truncated" in capsys.readouterr().out
+  records = [r for r in metrics.read_metrics(workdir) if "loss" in r]
+  assert [r["step"] for r in records] == [1, 2]
+  last = records[-1]
+  assert last["data/dropped_dialogues"] > 0 and last["data/dialogues"] > last["data/dropped_dialogues"]
+  assert last["data/truncated_dialogues"] == 0
+
+
+def test_no_dialogue_fitting_seq_len_fails_at_once(data_dir, tmp_path):
+  """train.py used to read forever (ignoring SIGTERM) when no dialogue fits; now it exits with the lengths."""
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(f"from tests.test_training import tiny_config\n\n\ndef get_config():\n"
+                         f"  return tiny_config({data_dir!r})\n")
+  result = subprocess.run(
+      [sys.executable, "train.py", f"--config={config_file}", f"--workdir={tmp_path / 'run'}",
+       "--config.data.seq_len=16"], cwd=REPO, capture_output=True, text=True, timeout=180)
+  assert result.returncode == 1, result.stderr[-3000:]
+  message = result.stderr.strip().splitlines()[-1]
+  assert re.search(r"error: no dialogue of dataset synthetic_multiturn/small/train \(\d+ surveyed\) fits "
+                   r"data.seq_len=16: the dialogues are \d+ \(shortest\) to \d+ \(longest\) tokens", message)
+  assert not os.path.exists(tmp_path / "run")
 
 
 def test_mismatched_tokenizer_or_vocab_is_refused_before_training(reference_run, data_dir, tmp_path):

@@ -30,10 +30,14 @@ class PackedBatchIterDataset(grain.IterDataset):
   """Packs the parent's encoded dialogues into dict batches of int32 ``[batch_size, seq_len]`` arrays."""
 
   def __init__(self, parent: grain.IterDataset, *, seq_len: int, batch_size: int, loss_on: str = "all",
-               triplets: bool = False):
+               triplets: bool = False, max_dropped_in_a_row: int | None = None, where: str = "the dataset"):
+    """``max_dropped_in_a_row``: raise ``ValueError`` (naming ``where`` and ``seq_len``) once that many
+    dialogues in a row were dropped for not fitting ``seq_len`` (e.g. one pass over a repeating parent, which
+    would otherwise be read forever); ``None``: never."""
     super().__init__(parent)
     packing.check_loss_on(loss_on)
-    self._options = dict(seq_len=seq_len, batch_size=batch_size, loss_on=loss_on, triplets=triplets)
+    self._options = dict(seq_len=seq_len, batch_size=batch_size, loss_on=loss_on, triplets=triplets,
+                         max_dropped_in_a_row=max_dropped_in_a_row, where=where)
 
   def __iter__(self) -> "PackedBatchIterator":
     return PackedBatchIterator(self._parent.__iter__(), **self._options)
@@ -46,10 +50,11 @@ class PackedBatchIterator(grain.DatasetIterator):
   """Iterator of :class:`PackedBatchIterDataset`; ``stats`` holds the truncation and packing counts."""
 
   def __init__(self, parent: grain.DatasetIterator, *, seq_len: int, batch_size: int, loss_on: str,
-               triplets: bool):
+               triplets: bool, max_dropped_in_a_row: int | None = None, where: str = "the dataset"):
     super().__init__(parent)
     self._seq_len, self._batch_size = seq_len, batch_size
     self._loss_on, self._triplets = loss_on, triplets
+    self._max_dropped, self._where, self._dropped_in_a_row = max_dropped_in_a_row, where, 0
     self.stats = packing.PackingStats()
     self._pending: list = []
     self._offset = 0
@@ -67,6 +72,11 @@ class PackedBatchIterator(grain.DatasetIterator):
       self._pending, self._offset, self._has_pending = [], 0, False
       return False
     self._pending, self._offset, self._has_pending = self._prepare(dialogue, self.stats), 0, True
+    self._dropped_in_a_row = 0 if self._pending else self._dropped_in_a_row + 1
+    if self._max_dropped is not None and self._dropped_in_a_row >= self._max_dropped:
+      raise ValueError(f"{self._dropped_in_a_row} dialogues in a row of {self._where} were dropped because "
+                       f"their first round is longer than seq_len={self._seq_len}: no dialogue fits; raise "
+                       "data.seq_len")
     return True
 
   def __next__(self) -> dict[str, np.ndarray]:

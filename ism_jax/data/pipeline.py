@@ -171,15 +171,88 @@ def make_train_iterator(config: PipelineConfig, tokenizer: ChatTokenizer,
                         split: str = "train") -> PackedBatchIterator:
   """The shuffled, repeated, sharded, packed training stream (see module docstring).
 
+  A whole pass over this host's shard in which no dialogue fits ``seq_len`` raises ``ValueError`` instead
+  of reading on forever (see :func:`survey_lengths` for the check made before training starts).
+
   Returns:
     A grain ``DatasetIterator`` of batch dicts with ``get_state``/``set_state`` and a ``stats`` attribute
     (:class:`~ism_jax.data.packing.PackingStats`: truncation counts, fill rate).
   """
-  dialogues = _dialogues(config, tokenizer, split, shuffle=True, num_epochs=config.num_epochs,
-                         shard=config.shard())
+  shard = config.shard()
+  dialogues = _dialogues(config, tokenizer, split, shuffle=True, num_epochs=config.num_epochs, shard=shard)
+  shard_size = len(range(shard[0], len(builders.data_source(config.name, config.data_dir, split)), shard[1]))
   packed = PackedBatchIterDataset(dialogues, seq_len=config.seq_len, batch_size=config.batch_size,
-                                  loss_on=config.loss_on, triplets=config.triplets)
+                                  loss_on=config.loss_on, triplets=config.triplets,
+                                  max_dropped_in_a_row=shard_size,
+                                  where=f"{config.name}/{split} (shard {shard[0]} of {shard[1]})")
   return iter(packed)
+
+
+SURVEY_DIALOGUES = 2000  # dialogues tokenized by survey_lengths (evenly spaced over the split)
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthSurvey:
+  """Token lengths of (a sample of) a split against ``seq_len``: what truncation will do to the data.
+
+  A dialogue longer than ``seq_len`` loses whole later rounds (``truncated``); one whose first round alone is
+  longer is dropped (``dropped``). Lengths count the chat template's tokens.
+  """
+
+  where: str                # "<dataset>/<split>"
+  seq_len: int
+  surveyed: int             # dialogues tokenized
+  total: int                # dialogues in the split
+  dropped: int              # surveyed dialogues whose first round exceeds seq_len
+  truncated: int            # surveyed dialogues that lose later rounds
+  shortest: int             # shortest surveyed dialogue, tokens
+  longest: int              # longest surveyed dialogue, tokens
+  first_rounds: tuple[int, ...]  # first-round length of every surveyed dialogue, sorted
+
+  @property
+  def dropped_fraction(self) -> float:
+    return self.dropped / max(self.surveyed, 1)
+
+  def seq_len_keeping(self, fraction: float) -> int:
+    """The smallest ``seq_len`` under which at most ``fraction`` of the surveyed dialogues are dropped."""
+    keep = max(1, int(np.ceil((1.0 - fraction) * len(self.first_rounds))))
+    return int(self.first_rounds[min(keep, len(self.first_rounds)) - 1]) if self.first_rounds else 0
+
+  def summary(self) -> str:
+    sample = f"{self.surveyed} of {self.total}" if self.surveyed < self.total else f"all {self.total}"
+    return (f"data {self.where} at seq_len={self.seq_len} ({sample} dialogues surveyed): "
+            f"{self.dropped} dropped ({100 * self.dropped_fraction:.1f}%, first round longer than seq_len), "
+            f"{self.truncated} truncated by rounds; dialogues are {self.shortest}..{self.longest} tokens")
+
+
+def survey_lengths(config: PipelineConfig, tokenizer: ChatTokenizer, split: str = "train",
+                   max_dialogues: int = SURVEY_DIALOGUES) -> LengthSurvey:
+  """Tokenizes up to ``max_dialogues`` dialogues of ``split``, evenly spaced over the whole split (the same
+  sample on every host), and counts what truncation to ``config.seq_len`` does to them.
+
+  Raises:
+    ValueError: the split is empty.
+  """
+  source = builders.data_source(config.name, config.data_dir, split)
+  total = len(source)
+  where = f"{config.name}/{split}"
+  if total == 0:
+    raise ValueError(f"dataset {where} in {config.data_dir} holds no dialogues")
+  count = min(total, max_dialogues)
+  indices = np.unique(np.linspace(0, total - 1, count).round().astype(np.int64))
+  encode = _Encode(tokenizer)
+  lengths, first_rounds = [], []
+  for i in indices:
+    dialogue = encode.map(source[int(i)])
+    lengths.append(len(dialogue))
+    first_rounds.append(int(dialogue.round_ends()[0]) if dialogue.num_rounds else len(dialogue))
+  lengths, first = np.asarray(lengths), np.asarray(first_rounds)
+  dropped = first > config.seq_len
+  truncated = (lengths > config.seq_len) & ~dropped
+  return LengthSurvey(where=where, seq_len=config.seq_len, surveyed=len(indices), total=total,
+                      dropped=int(dropped.sum()), truncated=int(truncated.sum()),
+                      shortest=int(lengths.min()), longest=int(lengths.max()),
+                      first_rounds=tuple(int(x) for x in np.sort(first)))
 
 
 def empty_batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -236,12 +309,15 @@ class Inputs:
       split.
     sample_dialogues: the first ``config.sample_dialogues`` validation dialogues as messages (train ones
       without a validation split).
+    survey: the train split's token lengths against ``seq_len`` (:func:`survey_lengths`, the same sample on
+      every host); the caller decides how many dropped dialogues are too many.
   """
 
   tokenizer: ChatTokenizer
   train: PackedBatchIterator
   eval_batches: list[dict[str, np.ndarray]]
   sample_dialogues: list[list[Message]]
+  survey: LengthSurvey
 
 
 def open_inputs(config: PipelineConfig, tokenizer: ChatTokenizer | None = None) -> Inputs:
@@ -261,4 +337,5 @@ def open_inputs(config: PipelineConfig, tokenizer: ChatTokenizer | None = None) 
     _log.warning("dataset %s has no validation split: evaluation is skipped", config.name)
   evals = make_eval_batches(config, tokenizer, max_dialogues=config.eval_max_dialogues) if validation else []
   samples = read_dialogues(config, "validation" if validation else "train", config.sample_dialogues)
-  return Inputs(tokenizer, make_train_iterator(config, tokenizer), evals, samples)
+  survey = survey_lengths(config, tokenizer)
+  return Inputs(tokenizer, make_train_iterator(config, tokenizer), evals, samples, survey)

@@ -56,6 +56,7 @@ def base_config(model: str | None = None) -> ml_collections.ConfigDict:
   config.data.tokenizer_path = ""  # a ChatTokenizer .model file; "" = train one on the train split (cached)
   config.data.vocab_size = 4000  # pieces of a tokenizer trained here (must not exceed model.vocab_size)
   config.data.seq_len = 512  # tokens per packed row
+  config.data.max_dropped_fraction = 0.5  # refuse to start when more train dialogues than this exceed seq_len
   config.data.loss_on = "all"  # train on "all" answers of a dialogue or the "last" one only
   config.data.prefix_triplets = True  # mask "prefix": one example per round of each dialogue (triplets)
   config.data.num_threads = 2  # reader threads (tokenization runs there)
@@ -199,6 +200,8 @@ def validate(config: ml_collections.ConfigDict, where: str = "config") -> None:
     problems.append(str(e))
   if config.data.seq_len < 2:
     problems.append(f"data.seq_len={config.data.seq_len} must be at least 2")
+  if not 0.0 <= config.data.max_dropped_fraction <= 1.0:
+    problems.append(f"data.max_dropped_fraction={config.data.max_dropped_fraction} must be in [0, 1]")
   if [mesh.data, mesh.fsdp, mesh.tensor].count(-1) > 1:
     problems.append("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
   if config.optimizer.warmup_steps < 0 or config.optimizer.learning_rate <= 0:

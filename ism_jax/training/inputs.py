@@ -43,11 +43,37 @@ def prepare(config: ml_collections.ConfigDict) -> pipeline.Inputs:
     from ism_jax.convert import load_pretrained_tokenizer  # pylint: disable=import-outside-toplevel
     tokenizer = load_pretrained_tokenizer(config.init_from)
   inputs = pipeline.open_inputs(pipeline_config(config), tokenizer)
+  check_lengths(config, inputs.survey)
   check_vocab_fits(inputs.tokenizer, config.model.vocab_size,
                    f"set --config.model.vocab_size={inputs.tokenizer.vocab_size} or more")
   for batch in inputs.eval_batches:
     check_batch(batch, config.model.mask)
   return inputs
+
+
+def check_lengths(config: ml_collections.ConfigDict, survey: pipeline.LengthSurvey) -> None:
+  """Refuses a train split that does not fit ``data.seq_len`` (``survey``: :func:`pipeline.survey_lengths`).
+
+  Raises:
+    ValueError: no surveyed dialogue fits ``data.seq_len``, or more than ``data.max_dropped_fraction`` of
+      them would be dropped; the message names the dataset, the dialogue lengths and the ``seq_len`` needed.
+  """
+  seq_len = config.data.seq_len
+  if survey.dropped == survey.surveyed:
+    raise ValueError(
+        f"no dialogue of dataset {survey.where} ({survey.surveyed} surveyed) fits data.seq_len={seq_len}: "
+        f"the dialogues are {survey.shortest} (shortest) to {survey.longest} (longest) tokens and even the "
+        f"shortest first round is {survey.first_rounds[0]} tokens (a dialogue whose first round exceeds "
+        f"seq_len is dropped). Set --config.data.seq_len={survey.seq_len_keeping(0.0)} or more to keep every "
+        "dialogue")
+  limit = config.data.max_dropped_fraction
+  if survey.dropped_fraction > limit:
+    raise ValueError(
+        f"{survey.dropped} of {survey.surveyed} surveyed dialogues ({100 * survey.dropped_fraction:.1f}%) of "
+        f"dataset {survey.where} would be dropped at data.seq_len={seq_len} (first round longer than "
+        f"that; the dialogues are {survey.shortest} to {survey.longest} tokens), more than "
+        f"data.max_dropped_fraction={limit}. Set --config.data.seq_len={survey.seq_len_keeping(limit)} or "
+        f"more (or raise data.max_dropped_fraction to train on the rest)")
 
 
 def check_batch(batch: dict[str, np.ndarray], kind: str) -> None:

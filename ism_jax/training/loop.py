@@ -151,6 +151,12 @@ def _record(window_values, seconds: float, timed_steps: int, model_config, peak,
   }
 
 
+def _data_counts(stats) -> dict[str, int]:
+  """Cumulative truncation counts of this host's train stream, as ``data/...`` entries of a record."""
+  return {"data/dialogues": stats.dialogues, "data/dropped_dialogues": stats.dropped_dialogues,
+          "data/truncated_dialogues": stats.truncated_dialogues, "data/dropped_rounds": stats.dropped_rounds}
+
+
 def _restore_or_init(config, model_config, mesh, optimizer, checkpointer, latest, train_iter):
   """The train state (restored from ``latest``, initialised from Hugging Face, or random) and shardings."""
   graphdef, abstract_params, param_shardings = ts.abstract_model(model_config, mesh)
@@ -239,6 +245,7 @@ def _announce(run: _Run, start: int, workdir: str, state) -> None:
       f"{run.model_config.num_params() / 1e6:.2f}M parameters, mask {run.model_config.mask!r}, mesh "
       f"{dict(run.mesh.shape)}, {t.global_batch_size} rows x {config.data.seq_len} tokens per step, "
       f"workdir {workdir}")
+  run.progress.message(run.data.survey.summary())
   if start >= t.num_steps:
     run.progress.message(f"the checkpoint at step {start} already reaches training.num_steps={t.num_steps}; "
                          "raise --config.training.num_steps to train further")
@@ -338,6 +345,7 @@ def _write_record(run: _Run, window: _Window, step: int, state, saved: int | Non
   seconds = time.time() - window.start_time
   record = _record(values, seconds, window.timed_steps, run.model_config, run.peak, jax.device_count(),
                    run.schedule)
+  record.update(_data_counts(run.data.train.stats))
   if do_eval and run.data.eval_batches:
     record.update(evaluation.evaluate(run.eval_fn, state.params, run.data.eval_batches, run.mesh))
     run.progress.message(f"step {step}: {evaluation.summary(record)}")
