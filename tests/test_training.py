@@ -163,18 +163,35 @@ def test_sigterm_saves_and_returns(data_dir, tmp_path):
   assert checkpointing.Checkpointer(workdir).latest_step() == record["step"]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+def test_nan_loss_stops_before_any_later_checkpoint(data_dir, tmp_path):
   config = tiny_config(data_dir)
-  config.optimizer.update(learning_rate=1e30, grad_clip_norm=0.0)  # parameters overflow within 2 steps
-  config.training.update(checkpoint_every=1, eval_every=0)
-  with pytest.raises(loop.NonFiniteLossError, match=r"became (nan|inf) at step \d+;.*last good checkpoint is"
-                     ) as error:
+  config.optimizer.update(learning_rate=1e30, grad_clip_norm=0.0)  # parameters overflow at step 1
+  config.training.update(checkpoint_every=5, eval_every=0)
+  message = (r"(loss|grad_norm) became (nan|inf) at step 2; training stopped and this state was not saved. "
+             r"The last good checkpoint is none \(no checkpoint yet\)")
+  with pytest.raises(loop.NonFiniteLossError, match=message) as error:
     loop.train(config, str(tmp_path))
-  bad_step = int(error.value.args[0].split(" at step ")[1].split(";")[0])
-  assert bad_step > 1
-  assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == bad_step - 1
-  model = workdir_lib.restore(str(tmp_path)).model
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(nnx.state(model)))
+  assert not isinstance(error.value, loop.DivergenceError)
+  assert checkpointing.Checkpointer(str(tmp_path)).latest_step() is None
+
+
+def test_divergence_is_caught_before_it_is_saved(data_dir, tmp_path):
+  """An absurd learning rate after a zero-rate first step (warmup): the step-2 state has a finite loss and
+  gradient but parameters near 1e6; it is not saved, and the checkpoint the error names is usable."""
+  config = tiny_config(data_dir)
+  config.optimizer.update(learning_rate=1e7, warmup_steps=5, grad_clip_norm=0.0)
+  config.training.update(checkpoint_every=1, eval_every=0)
+  workdir = str(tmp_path)
+  with pytest.raises(loop.DivergenceError, match=r"training diverged: the parameter norm grew from .* to .* "
+                     r"\(more than training.divergence_factor=1000 times\).* at step 2; .*this state was not "
+                     r"saved. The last good checkpoint is step 1 in ") as error:
+    loop.train(config, workdir)
+  named = int(error.value.args[0].split("last good checkpoint is step ")[1].split()[0])
+  assert checkpointing.Checkpointer(workdir).all_steps() == [named] == [1]
+  model = workdir_lib.restore(workdir, step=named).model
+  assert all(np.isfinite(x).all() and np.abs(x).max() < 1e3 for x in jax.tree.leaves(nnx.state(model)))
+  batch = layouts.random_packed_batch(np.random.default_rng(0), batch=2, length=24)
+  assert np.isfinite(np.asarray(model(batch["tokens"], batch["segment_types"], batch["segment_ids"]))).all()
 
 
 def _tokenizer_path(data_dir: str) -> str:
@@ -195,9 +212,9 @@ def test_dropped_dialogues_are_reported_and_refused_above_the_limit(data_dir, tm
   config.training.update(num_steps=2, eval_every=0, checkpoint_every=2)
   config.sample.enabled = False
   workdir = str(tmp_path / "run")
-  with pytest.raises(ValueError, match=r"10 of 20 surveyed dialogues \(50.0%\) of dataset mixed_lengths/train "
-                     r"would be dropped at data.seq_len=128 .*than data.max_dropped_fraction=0.4. Set "
-                     r"--config.data.seq_len=\d+"):
+  message = (r"10 of 20 surveyed dialogues \(50.0%\) of dataset mixed_lengths/train would be dropped at "
+             r"data.seq_len=128 .*than data.max_dropped_fraction=0.4. Set --config.data.seq_len=\d+")
+  with pytest.raises(ValueError, match=message):
     loop.train(config, workdir)
   assert not os.path.exists(workdir)
   config.data.max_dropped_fraction = 0.5

@@ -82,6 +82,7 @@ def base_config(model: str | None = None) -> ml_collections.ConfigDict:
   config.training.checkpoint_every = 200  # steps between checkpoints (one is always written at the end)
   config.training.keep_checkpoints = 3  # newest checkpoints kept on disk
   config.training.async_checkpoints = True  # write checkpoints in the background
+  config.training.divergence_factor = 1000.0  # refuse to save once param/grad norms grow this much in a run
 
   _add_run_sections(config)
   return config
@@ -192,6 +193,8 @@ def validate(config: ml_collections.ConfigDict, where: str = "config") -> None:
   for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
     if training[name] < 1:
       problems.append(f"training.{name}={training[name]} must be at least 1")
+  if not training.divergence_factor > 1.0:
+    problems.append(f"training.divergence_factor={training.divergence_factor} must be greater than 1")
   if training.eval_every < 0:
     problems.append(f"training.eval_every={training.eval_every} must be >= 0")
   try:

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from ism_jax import sharding
@@ -45,6 +46,62 @@ _log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or the gradient norm became NaN or Inf; training stopped without saving the bad state."""
+
+
+class DivergenceError(NonFiniteLossError):
+  """A state about to be saved diverged (see :class:`_DivergenceGuard`); it was not saved."""
+
+
+def _stop_message(problem: str, step: int, last_good: int | None, directory: str) -> str:
+  where = f"step {last_good} in {directory}" if last_good is not None else "none (no checkpoint yet)"
+  return (f"{problem} at step {step}; training stopped and this state was not saved. The last good "
+          f"checkpoint is {where}. Lower optimizer.learning_rate, raise optimizer.warmup_steps or set "
+          "optimizer.grad_clip_norm, then resume from the same --workdir")
+
+
+class _DivergenceGuard:
+  """Checks a train state before it is saved, so that the newest checkpoint is always a usable one.
+
+  A diverging run can keep a finite loss for a step or two while its parameters blow up (Adam moves every
+  parameter by about the learning rate per step), and a checkpoint of such parameters gives NaN on every
+  input. Before each save the guard refuses the state when
+
+  * the parameter norm is not finite, or exceeds ``factor`` times its value when this run started;
+  * a gradient norm since the previous save exceeds ``factor`` times the first step's;
+  * the cross entropy of the new parameters on the step's own batch (the jitted eval step) is not finite.
+  """
+
+  def __init__(self, factor: float, initial_param_norm: float):
+    self.factor = factor
+    self.initial_param_norm = initial_param_norm
+    self.first_grad_norm: float | None = None
+    self.max_grad_norm = 0.0
+
+  def observe(self, values: list[tuple[int, dict[str, float]]]) -> None:
+    """Takes in fetched step metrics (already checked finite)."""
+    for _, m in values:
+      if self.first_grad_norm is None:
+        self.first_grad_norm = m["grad_norm"]
+      self.max_grad_norm = max(self.max_grad_norm, m["grad_norm"])
+
+  def problems(self, param_norm: float, probe_nll: float) -> list[str]:
+    """What is wrong with the state to be saved (empty: save it)."""
+    out = []
+    if not np.isfinite(param_norm):
+      out.append(f"the parameter norm became {param_norm}")
+    elif param_norm > self.factor * self.initial_param_norm:
+      out.append(f"the parameter norm grew from {self.initial_param_norm:.4g} to {param_norm:.4g} (more than "
+                 f"training.divergence_factor={self.factor:g} times)")
+    first = self.first_grad_norm
+    if first is not None and first > 0 and self.max_grad_norm > self.factor * first:
+      out.append(f"the gradient norm reached {self.max_grad_norm:.4g}, more than training.divergence_factor="
+                 f"{self.factor:g} times the first step's {first:.4g}")
+    if not np.isfinite(probe_nll):
+      out.append(f"the new parameters give a cross entropy of {probe_nll} on the step's batch")
+    return out
+
+  def saved(self) -> None:
+    self.max_grad_norm = 0.0
 
 
 class _StopSignal:
@@ -122,11 +179,7 @@ class _Window:
     for step, m in out:
       bad = [f"{name} became {m[name]}" for name in ("loss", "grad_norm") if not np.isfinite(m[name])]
       if bad:  # a non-finite gradient makes this step's parameters non-finite even if its loss is not
-        where = f"step {last_good} in {directory}" if last_good is not None else "none (no checkpoint yet)"
-        raise NonFiniteLossError(
-            f"{' and '.join(bad)} at step {step}; training stopped and this state was not saved. The last "
-            f"good checkpoint is {where}. Lower optimizer.learning_rate, raise optimizer.warmup_steps or set "
-            "optimizer.grad_clip_norm, then resume from the same --workdir")
+        raise NonFiniteLossError(_stop_message(" and ".join(bad), step, last_good, directory))
     return out
 
 
@@ -145,6 +198,7 @@ def _record(window_values, seconds: float, timed_steps: int, model_config, peak,
       "mfu": mfu,
       "lr": float(lr(step)),
       "grad_norm": last["grad_norm"],
+      "param_norm": last["param_norm"],
       "targets": last["targets"],
       "window_tokens": tokens,  # real tokens of the timed steps of this window (compile step excluded)
       "window_seconds": seconds if timed else 0.0,  # their wall time
@@ -211,6 +265,7 @@ class _Run:
   writer: metrics.MetricsWriter
   progress: metrics.Progress
   peak: float | None
+  guard: _DivergenceGuard | None = None  # set by _loop
 
 
 def _check_mesh(config: ml_collections.ConfigDict, mesh) -> None:
@@ -266,6 +321,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     ValueError: invalid config, data or a checkpoint that does not fit this run (nothing written).
     NonFiniteLossError: the loss became NaN/Inf (the newest checkpoint is the last good one).
+    DivergenceError: the state to be saved diverged (not saved; the newest checkpoint is the last good one).
   """
   config_lib.validate(config)
   model_config = config_lib.model_config(config)
@@ -307,6 +363,8 @@ def _loop(run: _Run, state, start: int, latest: int | None, after_step):
   """Steps ``start + 1 ... num_steps`` (or until a stop signal). Returns ``(state, last step, record)``."""
   t, kind = run.config.training, run.model_config.mask
   window, saved, record, step = _Window(), latest, {}, start
+  with jax.set_mesh(run.mesh):
+    run.guard = _DivergenceGuard(t.divergence_factor, float(jax.jit(optax.tree.norm)(state.params)))
   with _StopSignal(run.checkpointer) as stop, jax.set_mesh(run.mesh):
     for step in range(start + 1, t.num_steps + 1):
       host_batch = next(run.data.train)
@@ -326,9 +384,7 @@ def _loop(run: _Run, state, start: int, latest: int | None, after_step):
         record = _write_record(run, window, step, state, saved, do_eval)
         window = _Window(start_time=time.time())
       if do_save:
-        meta = checkpointing.checkpoint_meta(step, run.config, run.fingerprint)
-        data_state = _IteratorSnapshot(run.data.train.get_state())
-        run.checkpointer.save(step, state.params, state.opt_state, data_state, meta)
+        _save(run, step, state, host_batch, record, saved)
         saved = step
       if after_step is not None:
         after_step(step)
@@ -339,9 +395,24 @@ def _loop(run: _Run, state, start: int, latest: int | None, after_step):
   return state, step, record
 
 
+def _save(run: _Run, step: int, state, host_batch: dict, record: dict, saved: int | None) -> None:
+  """Checks the state with the divergence guard (raising :class:`DivergenceError`, nothing written) and
+  starts the checkpoint of ``step``. ``host_batch``: the step's batch, the guard's probe."""
+  probe = run.eval_fn(state.params, ts.device_batch(host_batch, run.mesh, ts.EVAL_KEYS))
+  problems = run.guard.problems(record["param_norm"], float(jax.device_get(probe["nll"]).sum()))
+  if problems:
+    raise DivergenceError(_stop_message("training diverged: " + "; ".join(problems), step, saved,
+                                        run.checkpointer.directory))
+  run.guard.saved()
+  meta = checkpointing.checkpoint_meta(step, run.config, run.fingerprint)
+  data_state = _IteratorSnapshot(run.data.train.get_state())
+  run.checkpointer.save(step, state.params, state.opt_state, data_state, meta)
+
+
 def _write_record(run: _Run, window: _Window, step: int, state, saved: int | None, do_eval: bool) -> dict:
   """Fetches the window's metrics (stopping at a NaN/Inf), evaluates when due, and writes the record."""
   values = window.fetch(saved, run.checkpointer.directory)
+  run.guard.observe(values)
   seconds = time.time() - window.start_time
   record = _record(values, seconds, window.timed_steps, run.model_config, run.peak, jax.device_count(),
                    run.schedule)

@@ -156,8 +156,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                     grad_accum_steps: int = 1) -> Callable:
   """``step(state, batch) -> (state, metrics)``, to be jitted (see :func:`jit_train_step`).
 
-  ``metrics`` (float32 scalars): ``loss`` (mean over targets), ``grad_norm`` (before clipping), ``tokens``
-  (real tokens), ``targets`` (positions with loss), ``attention_pairs`` (allowed pairs, for MFU).
+  ``metrics`` (float32 scalars): ``loss`` (mean over targets), ``grad_norm`` (before clipping),
+  ``param_norm`` (global norm of the updated parameters), ``tokens`` (real tokens), ``targets`` (positions
+  with loss), ``attention_pairs`` (allowed pairs, for MFU).
   """
 
   def summed_loss(params, micro, num_targets):
@@ -184,6 +185,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
         "tokens": jnp.sum((batch["segment_types"] != SegmentType.PAD).astype(jnp.float32)),
         "targets": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
         "attention_pairs": attention_pairs(batch, kind),
