@@ -73,13 +73,33 @@ def test_untrainable_conversations_are_skipped_and_counted(tmp_path):
   dialogues, report = read_jsonl(path, "openai")
   assert len(dialogues) == 2 and report.kept == 2
   assert report.skipped == {"no_assistant": 2, "empty": 1}
+  assert report.locations == [(f"{path}:2", "no_assistant"), (f"{path}:4", "empty"),
+                              (f"{path}:6", "no_assistant")]
 
 
-def test_error_when_nothing_is_left(tmp_path):
+def test_skipped_conversations_are_located_first_few_then_counted(tmp_path):
+  no_answer = {"messages": [{"role": "user", "content": "hello?"}]}
+  path = write_lines(tmp_path / "c.jsonl", [chat(0)] + [no_answer] * 7 + [chat(1)])
+  _, report = read_jsonl(path, "openai")
+  assert report.describe_skips() == (
+      f"7 no assistant message ({path}:2: no assistant message; {path}:3: no assistant message; {path}:4: no "
+      f"assistant message; {path}:5: no assistant message; {path}:6: no assistant message; and 2 more)")
+  import_report = import_jsonl(path, "located", str(tmp_path / "tfds"), validation_percent=0)
+  assert f"skipped: 7 no assistant message ({path}:2: no assistant message;" in str(import_report)
+
+
+def test_error_when_nothing_is_left_says_why_each_was_skipped(tmp_path):
   no_answer = {"messages": [{"role": "user", "content": "x"}]}
   path = write_lines(tmp_path / "c.jsonl", [no_answer, {"messages": []}])
-  with pytest.raises(ValueError, match="no trainable conversation"):
+  with pytest.raises(ValueError) as error:
     read_jsonl(path, "openai")
+  assert str(error.value).startswith(
+      f"no trainable conversation in {path}: all 2 conversations were skipped, 1 no messages, 1 no assistant "
+      f"message ({path}:1: no assistant message; {path}:2: no messages);")
+  assert "hold no records" not in str(error.value)
+  blank = write_lines(tmp_path / "blank.jsonl", ["", "  "])
+  with pytest.raises(ValueError, match=r"blank.jsonl: the files hold no records \(only blank lines\)"):
+    read_jsonl(blank, "openai")
 
 
 def test_import_round_trip_through_tfds_data_source(tmp_path):

@@ -212,15 +212,24 @@ def parse_sharegpt_record(record: Any, where: str = "record") -> list[Message]:
 PARSERS = {"openai": parse_openai_record, "sharegpt": parse_sharegpt_record}
 
 
+# What each reason of trainable_problem() means, for messages.
+SKIP_REASONS = {"empty": "no messages", "no_assistant": "no assistant message"}
+SHOWN_SKIPS = 5  # skipped conversations located by file:line in messages; the rest are counted
+
+
 @dataclasses.dataclass
 class ReadReport:
-  """What :func:`read_jsonl` kept and skipped. ``skipped`` maps a reason to a count."""
+  """What :func:`read_jsonl` kept and skipped. ``skipped`` maps a reason to a count; ``locations`` holds
+  ``(file:line, reason)`` of the first :data:`SHOWN_SKIPS` skipped conversations."""
 
   kept: int = 0
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+  locations: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
-  def skip(self, reason: str) -> None:
+  def skip(self, reason: str, where: str = "?") -> None:
     self.skipped[reason] = self.skipped.get(reason, 0) + 1
+    if len(self.locations) < SHOWN_SKIPS:
+      self.locations.append((where, reason))
 
 
 def jsonl_records(stream: TextIO, name: str) -> Iterator[tuple[str, Any]]:
@@ -240,13 +249,23 @@ def jsonl_records(stream: TextIO, name: str) -> Iterator[tuple[str, Any]]:
                             "one complete JSON object") from None
     yield where, record
 
+  def describe_skips(self) -> str:
+    """E.g. ``"2 no assistant message, 1 no messages (c.jsonl:1: no assistant message; ...; and 1 more)"``."""
+    if not self.num_skipped:
+      return "none"
+    counts = ", ".join(f"{n} {SKIP_REASONS.get(why, why)}" for why, n in sorted(self.skipped.items()))
+    shown = "; ".join(f"{where}: {SKIP_REASONS.get(why, why)}" for where, why in self.locations)
+    more = self.num_skipped - len(self.locations)
+    return f"{counts} ({shown}{f'; and {more} more' if more else ''})"
+
 
 def read_jsonl(paths: str | Iterable[str], format: str = "openai") -> tuple[list[list[Message]], ReadReport]:
   """Reads conversations from JSONL files (one JSON object per line; blank lines are ignored).
 
   Malformed lines raise :class:`DataFormatError` with ``file:line`` and the field. Conversations with no
-  messages or no assistant message are skipped and counted in the report. If nothing trainable is left, a
-  ``ValueError`` says so.
+  messages or no assistant message are skipped, counted in the report and the first few located by
+  ``file:line``. If nothing trainable is left, a ``ValueError`` says why each conversation was skipped (or
+  that the files hold no records at all).
 
   Returns:
     ``(dialogues, report)``: the trainable dialogues in file order, and the counts.
@@ -267,10 +286,13 @@ def read_jsonl(paths: str | Iterable[str], format: str = "openai") -> tuple[list
           dialogues.append(messages)
           report.kept += 1
         else:
-          report.skip(problem)
+          report.skip(problem, where)
+  if not dialogues and not report.num_skipped:
+    raise ValueError(f"no trainable conversation in {', '.join(paths)}: the files hold no records (only blank "
+                     f"lines); each line must be one conversation ({format} format)")
   if not dialogues:
     raise ValueError(
-        f"no trainable conversation in {', '.join(paths)} (skipped: {report.skipped or 'none'}; the files "
-        f"hold no records); every conversation needs at least one assistant message ({format} format)"
+        f"no trainable conversation in {', '.join(paths)}: all {report.num_skipped} conversations were skipped, "
+        f"{report.describe_skips()}; every conversation needs at least one assistant message ({format} format)"
     )
   return dialogues, report

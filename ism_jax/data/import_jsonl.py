@@ -13,7 +13,8 @@ then train with ``data.name = "my_chats"`` and the same ``data_dir``. Each line 
 
 System, user and tool messages are the query side, assistant messages the answer side. A malformed line
 stops the import with ``file:line`` and the field at fault. Conversations with no messages or no assistant
-message are skipped and counted; if none is left the import fails. Nothing is written before every line is
+message are skipped, counted and the first few located by ``file:line``; if none is left the import fails
+saying why each was skipped. Nothing is written before every line is
 read, and the dataset appears atomically: a failed import never touches an existing dataset (replacing one
 needs ``--overwrite``).
 
@@ -35,22 +36,23 @@ from typing import Sequence
 import tensorflow_datasets as tfds
 
 from ism_jax.data import builders
-from ism_jax.data.dialogue import FORMATS, Message, read_jsonl
+from ism_jax.data.dialogue import FORMATS, Message, ReadReport, read_jsonl
 
 
 @dataclasses.dataclass
 class ImportReport:
-  """What an import wrote: the dataset folder, split sizes and the skipped-conversation counts."""
+  """What an import wrote: the dataset folder, split sizes, the skipped-conversation counts and the
+  ``(file:line, reason)`` of the first few skipped conversations."""
 
   path: str
   num_train: int
   num_validation: int
   skipped: dict[str, int]
+  read: ReadReport = dataclasses.field(default_factory=ReadReport)
 
   def __str__(self) -> str:
-    skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
     return (f"wrote {self.path}: {self.num_train} train, {self.num_validation} validation conversations; "
-            f"skipped: {skipped}")
+            f"skipped: {self.read.describe_skips()}")
 
 
 def _content_hash(messages: Sequence[Message]) -> int:
@@ -96,7 +98,7 @@ def import_jsonl(paths: str | Sequence[str], name: str, data_dir: str, format: s
   description = f"Imported from {', '.join(os.path.basename(p) for p in paths)} ({format} format)."
   path = builders.write_dialogues(name, data_dir, splits, overwrite=overwrite, description=description)
   return ImportReport(path=path, num_train=len(splits["train"]), num_validation=len(splits["validation"]),
-                      skipped=dict(read_report.skipped))
+                      skipped=dict(read_report.skipped), read=read_report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
