@@ -288,11 +288,11 @@ def read_jsonl(paths: str | Iterable[str], format: str = "openai") -> tuple[list
         else:
           report.skip(problem, where)
   if not dialogues and not report.num_skipped:
-    raise ValueError(f"no trainable conversation in {', '.join(paths)}: the files hold no records (only blank "
-                     f"lines); each line must be one conversation ({format} format)")
+    raise ValueError(f"no trainable conversation in {', '.join(paths)}: the files hold no records (only "
+                     f"blank lines); each line must be one conversation ({format} format)")
   if not dialogues:
     raise ValueError(
-        f"no trainable conversation in {', '.join(paths)}: all {report.num_skipped} conversations were skipped, "
-        f"{report.describe_skips()}; every conversation needs at least one assistant message ({format} format)"
-    )
+        f"no trainable conversation in {', '.join(paths)}: all {report.num_skipped} conversations were "
+        f"skipped, {report.describe_skips()}; every conversation needs at least one assistant message "
+        f"({format} format)")
   return dialogues, report
