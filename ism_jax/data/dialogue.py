@@ -231,6 +231,16 @@ class ReadReport:
     if len(self.locations) < SHOWN_SKIPS:
       self.locations.append((where, reason))
 
+  def describe_skips(self) -> str:
+    """E.g. ``"2 no assistant message, 1 no messages (c.jsonl:1: no assistant message; ...; and 1 more)"``."""
+    total = sum(self.skipped.values())
+    if not total:
+      return "none"
+    counts = ", ".join(f"{n} {SKIP_REASONS.get(why, why)}" for why, n in sorted(self.skipped.items()))
+    shown = "; ".join(f"{where}: {SKIP_REASONS.get(why, why)}" for where, why in self.locations)
+    more = total - len(self.locations)
+    return f"{counts} ({shown}{f'; and {more} more' if more else ''})"
+
 
 def jsonl_records(stream: TextIO, name: str) -> Iterator[tuple[str, Any]]:
   """``(where, record)`` for every non-blank line of a JSONL stream, ``where`` being ``name:line``.
@@ -248,15 +258,6 @@ def jsonl_records(stream: TextIO, name: str) -> Iterator[tuple[str, Any]]:
       raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.pos + 1}); each line must be "
                             "one complete JSON object") from None
     yield where, record
-
-  def describe_skips(self) -> str:
-    """E.g. ``"2 no assistant message, 1 no messages (c.jsonl:1: no assistant message; ...; and 1 more)"``."""
-    if not self.num_skipped:
-      return "none"
-    counts = ", ".join(f"{n} {SKIP_REASONS.get(why, why)}" for why, n in sorted(self.skipped.items()))
-    shown = "; ".join(f"{where}: {SKIP_REASONS.get(why, why)}" for where, why in self.locations)
-    more = self.num_skipped - len(self.locations)
-    return f"{counts} ({shown}{f'; and {more} more' if more else ''})"
 
 
 def read_jsonl(paths: str | Iterable[str], format: str = "openai") -> tuple[list[list[Message]], ReadReport]:
@@ -287,12 +288,13 @@ def read_jsonl(paths: str | Iterable[str], format: str = "openai") -> tuple[list
           report.kept += 1
         else:
           report.skip(problem, where)
-  if not dialogues and not report.num_skipped:
+  skipped = sum(report.skipped.values())
+  if not dialogues and not skipped:
     raise ValueError(f"no trainable conversation in {', '.join(paths)}: the files hold no records (only "
                      f"blank lines); each line must be one conversation ({format} format)")
   if not dialogues:
     raise ValueError(
-        f"no trainable conversation in {', '.join(paths)}: all {report.num_skipped} conversations were "
-        f"skipped, {report.describe_skips()}; every conversation needs at least one assistant message "
+        f"no trainable conversation in {', '.join(paths)}: all {skipped} conversations were skipped"
+        f", {report.describe_skips()}; every conversation needs at least one assistant message "
         f"({format} format)")
   return dialogues, report

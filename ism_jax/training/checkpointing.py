@@ -109,10 +109,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    """The steps of the checkpoints on disk, oldest first."""
-    return sorted(self.manager.all_steps())
-
   def save(self, step: int, params, opt_state, data_iterator, meta: dict[str, Any]) -> None:
     """Starts writing step ``step`` (returns before the write ends when async)."""
     self.manager.save(step, args=ocp.args.Composite(
