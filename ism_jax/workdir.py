@@ -29,6 +29,7 @@ import os
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from ism_jax.data.tokenizer import check_vocab_fits, load_tokenizer
@@ -39,6 +40,10 @@ TOKENIZER_FILE = "tokenizer.model"
 HF_TOKENIZER_DIR = "hf_tokenizer"
 CONFIG_FILE = "config.json"
 ITEMS = ("params", "opt_state", "data", "meta")
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint does not fit this run or model (tokenizer, vocabulary, model config or parameter shapes)."""
 
 
 @dataclasses.dataclass
@@ -100,6 +105,38 @@ def _model_config(saved_model: dict, overrides: dict | None) -> ModelConfig:
   return ModelConfig.from_dict({**saved_model, **overrides})
 
 
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def saved_param_metadata(directory: str, step: int):
+  """The Orbax tree metadata (names, shapes, dtypes; nothing is read) of checkpoint ``step``'s parameters."""
+  return ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / "params")
+
+
+def check_param_shapes(saved_tree, target, where: str) -> None:
+  """Refuses a checkpoint whose parameters differ in name or shape from ``target`` (naming them).
+
+  Args:
+    saved_tree: the ``params`` item's Orbax tree metadata (:func:`saved_param_metadata`).
+    target: pure dict of the model's parameters or ``ShapeDtypeStruct``s.
+    where: the checkpoint's directory, for the message.
+  """
+  saved_tree = getattr(saved_tree, "tree", saved_tree)
+  saved = {_path_name(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
+  wanted = {_path_name(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}
+  problems = [f"params/{n}: checkpoint {saved[n]}, model {wanted[n]}"
+              for n in sorted(saved.keys() & wanted.keys()) if saved[n] != wanted[n]]
+  problems += [f"params/{n} is missing from the checkpoint" for n in sorted(wanted.keys() - saved.keys())]
+  problems += [f"params/{n} is in the checkpoint but not in the model"
+               for n in sorted(saved.keys() - wanted.keys())]
+  if problems:
+    shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+    raise CheckpointMismatchError(
+        f"checkpoint {where} does not fit the model: {shown}. Restore it with the model config it was saved "
+        "with (its meta item holds the run config) or start a new --workdir")
+
+
 def restore(workdir: str, step: int | None = None, model_overrides: dict | None = None) -> Restored:
   """Loads a trained model, its tokenizer and its run config from a training workdir.
 
@@ -112,6 +149,8 @@ def restore(workdir: str, step: int | None = None, model_overrides: dict | None 
     FileNotFoundError: naming the missing workdir, tokenizer or checkpoint.
     ValueError: an override that would change the parameters, or a tokenizer larger than the model's
       vocabulary.
+    CheckpointMismatchError: parameters whose names or shapes differ from the saved model config's (named;
+      nothing is read).
   """
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir of a training run "
@@ -127,6 +166,8 @@ def restore(workdir: str, step: int | None = None, model_overrides: dict | None 
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                         nnx.to_pure_dict(state))
+  check_param_shapes(saved_param_metadata(manager.directory, step), target,
+                     os.path.join(workdir, CHECKPOINT_DIR, str(step)))
   params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
   manager.close()
   tokenizer = load_tokenizer(path)

@@ -261,6 +261,37 @@ def test_mismatched_tokenizer_or_vocab_is_refused_before_training(reference_run,
     assert f.read() == open(os.path.join(reference_run[0], workdir_lib.TOKENIZER_FILE), "rb").read()
 
 
+def test_checkpoint_of_other_shapes_is_refused_naming_the_parameter(reference_run):
+  config = tiny_config("unused")
+  config.model.update(vocab_size=384, mlp_dim=96)
+  mesh = sharding.make_mesh()
+  optimizer, _ = make_optimizer(1e-2, total_steps=STEPS)
+  _, abstract_params, param_shardings = ts.abstract_model(config_lib.model_config(config), mesh)
+  shardings = ts.train_state_shardings(optimizer, abstract_params, param_shardings, mesh)
+  abstract = ts.abstract_train_state(optimizer, abstract_params, shardings)
+  message = (r"checkpoint \S+/checkpoints/10 does not fit the model: params/\S*down_proj: checkpoint "
+             r"\(64, 32\), model \(96, 32\); .*params/embed\S*: checkpoint \(320, 32\), model \(384, 32\)")
+  with pytest.raises(checkpointing.CheckpointMismatchError, match=message):
+    checkpointing.Checkpointer(reference_run[0]).restore(STEPS, abstract.params, abstract.opt_state, None)
+
+
+def test_restore_refuses_parameters_of_other_shapes_by_name(reference_run, tmp_path):
+  """A checkpoint whose meta names another model (mlp_dim 96 for 64-wide saved weights) is refused by
+  ``workdir.restore`` naming the parameter, before any array is read."""
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(reference_run[0], workdir)
+  meta_file = os.path.join(workdir, checkpointing.CHECKPOINT_DIR, str(STEPS), "meta", "metadata")
+  with open(meta_file) as f:
+    meta = json.load(f)
+  meta["config"]["model"]["mlp_dim"] = 96
+  with open(meta_file, "w") as f:
+    json.dump(meta, f)
+  message = (r"checkpoint \S+/checkpoints/10 does not fit the model: params/\S*down_proj: checkpoint "
+             r"\(64, 32\), model \(96, 32\)")
+  with pytest.raises(checkpointing.CheckpointMismatchError, match=message):
+    workdir_lib.restore(workdir)
+
+
 def test_loss_on_a_visible_target_is_refused():
   batch = layouts.random_packed_batch(np.random.default_rng(3), batch=2, length=32)
   loss_mask = np.zeros_like(batch["tokens"])

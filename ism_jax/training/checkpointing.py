@@ -18,14 +18,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ism_jax.training import config as config_lib
-from ism_jax.workdir import CHECKPOINT_DIR, CONFIG_FILE, HF_TOKENIZER_DIR, ITEMS, TOKENIZER_FILE
+from ism_jax.workdir import (CHECKPOINT_DIR, CONFIG_FILE, HF_TOKENIZER_DIR, ITEMS, TOKENIZER_FILE,
+                             CheckpointMismatchError, check_param_shapes, saved_param_metadata)
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                       "chat_template.jinja", "chat_template.json")
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint does not fit this run (tokenizer, vocabulary or model config differ)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,7 +119,14 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator):
-    """``(params, opt_state)`` of ``step`` in the shardings of the abstract targets; the iterator is set."""
+    """``(params, opt_state)`` of ``step`` in the shardings of the abstract targets; the iterator is set.
+
+    The targets' shardings may come from another mesh than the one that saved (another shape or device
+    count): Orbax reads each device's part of every array. Parameters whose names or shapes differ from the
+    checkpoint's are refused by name (:class:`CheckpointMismatchError`) before anything is read.
+    """
+    check_param_shapes(saved_param_metadata(self.directory, step), abstract_params,
+                       f"{self.directory}/{step}")
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract_params),
