@@ -110,6 +110,7 @@ def _add_run_sections(config: ml_collections.ConfigDict) -> None:
   config.distributed.coordinator_address = ""  # "host:port" of process 0; "" = detect (TPU, Slurm, Open MPI)
   config.distributed.num_processes = 0  # processes in the job; 0 = detect
   config.distributed.process_id = -1  # this process's index; -1 = detect
+  config.distributed.initialization_timeout = 300  # seconds for every process to join, then exit (error)
 
 
 def pretrained_config(source: str) -> ml_collections.ConfigDict:
@@ -209,6 +210,9 @@ def validate(config: ml_collections.ConfigDict, where: str = "config") -> None:
     problems.append("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
   if config.optimizer.warmup_steps < 0 or config.optimizer.learning_rate <= 0:
     problems.append("optimizer.learning_rate must be positive and optimizer.warmup_steps >= 0")
+  if config.distributed.initialization_timeout < 1:
+    problems.append(f"distributed.initialization_timeout={config.distributed.initialization_timeout} must be "
+                    "at least 1 (seconds)")
   if problems:
     raise ValueError(f"invalid {where}: " + "; ".join(problems))
 

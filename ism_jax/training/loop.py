@@ -25,6 +25,8 @@ import json
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -155,13 +157,47 @@ class _IteratorSnapshot:
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """``jax.distributed.initialize()`` when ``distributed.enabled`` (call before any other JAX work)."""
+  """``jax.distributed.initialize()`` when ``distributed.enabled`` (call before any other JAX work).
+
+  JAX aborts the process (a C++ fatal error, no Python exception) when the processes do not all join in
+  time, and by default waits 5 minutes first. So a watchdog thread enforces
+  ``distributed.initialization_timeout`` itself (JAX gets a minute more as a backstop): when the job is not
+  complete by then, it prints an error naming ``coordinator_address``, ``num_processes`` and ``process_id``
+  and exits the process with status 1. Causes: the coordinator (process 0) is unreachable, or fewer
+  processes than ``num_processes`` were started.
+  """
   d = config.distributed
   if not d.enabled:
     return
-  jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
-                             num_processes=d.num_processes or None,
-                             process_id=None if d.process_id < 0 else d.process_id)
+  address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or "(auto-detected)"
+  timeout = int(d.initialization_timeout)
+  joined = threading.Event()
+
+  def watchdog():
+    if joined.wait(timeout):
+      return
+    print(f"error: jax.distributed.initialize did not complete within distributed.initialization_timeout="
+          f"{timeout} s (distributed.coordinator_address={address}, distributed.num_processes="
+          f"{d.num_processes or '(detect)'}, distributed.process_id="
+          f"{d.process_id if d.process_id >= 0 else '(detect)'}): either the coordinator, process 0, cannot "
+          "be reached at that address (not started, wrong host or port, a firewall), or fewer processes than "
+          "num_processes were started (every process needs the same distributed.num_processes and its own "
+          "process_id). Fix the address or the counts and start all processes again", file=sys.stderr,
+          flush=True)
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=watchdog, name="ism_jax-distributed-watchdog", daemon=True).start()
+  try:
+    jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
+                               num_processes=d.num_processes or None,
+                               process_id=None if d.process_id < 0 else d.process_id,
+                               initialization_timeout=timeout + 60)
+  except ValueError as e:
+    raise ValueError(f"jax.distributed.initialize failed: {e}. Set distributed.coordinator_address "
+                     "('host:port' of process 0), distributed.num_processes and distributed.process_id where "
+                     "they cannot be detected (no TPU, Slurm or Open MPI environment)") from e
+  finally:
+    joined.set()
 
 
 @dataclasses.dataclass
