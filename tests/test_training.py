@@ -27,7 +27,7 @@ from ism_jax.data.tokenizer import ChatTokenizer
 from ism_jax.training import checkpointing, flops, inputs, loop, metrics, sample
 from ism_jax.training import config as config_lib
 from ism_jax.training import train_step as ts
-from ism_jax.training.optimizer import make_optimizer
+from ism_jax.training.optimizer import make_optimizer, optimizer_from_config
 from tests import layouts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,6 +145,88 @@ def test_resume_after_kill_9_reproduces_the_losses(reference_run, data_dir, tmp_
   loop.train(tiny_config(data_dir), workdir)
   resumed = _train_losses(metrics.read_metrics(workdir))
   assert resumed == _train_losses(reference_run[2])  # exact: every step 1..10, no duplicates
+
+
+def _restored_on(workdir: str, step: int, config, mesh):
+  """Checkpoint ``step`` restored under ``mesh``: ``(params, opt_state)`` in the run's shardings there."""
+  model_config = config_lib.model_config(config)
+  optimizer, _ = optimizer_from_config(config.optimizer, config.training.num_steps)
+  _, abstract_params, param_shardings = ts.abstract_model(model_config, mesh)
+  shardings = ts.train_state_shardings(optimizer, abstract_params, param_shardings, mesh)
+  abstract = ts.abstract_train_state(optimizer, abstract_params, shardings)
+  pipe = inputs.pipeline_config(config)
+  tokenizer = ChatTokenizer.load(os.path.join(workdir, "tokenizer.model"))
+  train_iter = pipeline.make_train_iterator(pipe, tokenizer)
+  checkpointer = checkpointing.Checkpointer(workdir)
+  with jax.set_mesh(mesh):
+    params, opt_state = checkpointer.restore(step, abstract.params, abstract.opt_state, train_iter)
+  checkpointer.close()
+  return params, opt_state, shardings
+
+
+def _assert_restores_exactly(workdir: str, step: int, config, mesh) -> None:
+  """The checkpoint restored under ``mesh`` equals it read onto one device, in ``mesh``'s shardings."""
+  params, opt_state, shardings = _restored_on(workdir, step, config, mesh)
+  model = workdir_lib.restore(workdir, step=step).model
+  want = nnx.to_pure_dict(nnx.state(model))
+  for got, expected, sharding_ in zip(jax.tree.leaves(params), jax.tree.leaves(want),
+                                      jax.tree.leaves(shardings.params)):
+    assert got.sharding == sharding_
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(opt_state))
+
+
+def stop_at(step: int):
+  """An ``after_step`` hook that sends this process SIGTERM after ``step - 1``: the loop then saves ``step``
+  and returns, as a preempted run does."""
+
+  def hook(done: int) -> None:
+    if done == step - 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  return hook
+
+
+MESH_SCRIPT = """
+import sys
+from tests import test_training as t
+data_dir, workdir = sys.argv[1:]
+config = t.tiny_config(data_dir)
+config.sample.enabled = False
+config.mesh.update(data=-1, fsdp=1, tensor=2)
+import jax
+assert jax.device_count() == 4, jax.devices()
+mesh = t.sharding.make_mesh(-1, 1, 2)
+t._assert_restores_exactly(workdir, 6, config, mesh)
+t.loop.train(config, workdir, after_step=t.stop_at(8))
+"""
+
+
+def test_checkpoints_restore_across_mesh_shapes(reference_run, data_dir, tmp_path):
+  """One run over four meshes: fsdp 8 (steps 1-3) -> data 2 x fsdp 4 (4-6) -> 4 devices with tensor 2 (7-8,
+  a subprocess) -> tensor 1 on 8 devices (9-10). Each checkpoint restores under the next mesh to the saved
+  parameters exactly, and the losses follow the uninterrupted data-parallel run's."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config(data_dir)
+  config.sample.enabled = False
+  config.mesh.update(data=1, fsdp=8, tensor=1)
+  loop.train(config, workdir, after_step=stop_at(3))
+  config.mesh.update(data=2, fsdp=4)
+  _assert_restores_exactly(workdir, 3, config, sharding.make_mesh(2, 4, 1))
+  loop.train(config, workdir, after_step=stop_at(6))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": REPO}
+  result = subprocess.run([sys.executable, "-c", MESH_SCRIPT, data_dir, workdir], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 2}" in result.stdout
+  config.mesh.update(data=-1, fsdp=1, tensor=1)
+  _assert_restores_exactly(workdir, 8, config, sharding.make_mesh(-1, 1, 1))
+  loop.train(config, workdir)
+  assert sorted(checkpointing.Checkpointer(workdir).manager.all_steps()) == [3, 6, 8, 9, 10]
+  resumed, reference = _train_losses(metrics.read_metrics(workdir)), _train_losses(reference_run[2])
+  assert sorted(resumed) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([resumed[s] for s in sorted(resumed)], [reference[s] for s in sorted(resumed)],
+                             rtol=1e-6)
 
 
 def test_sigterm_saves_and_returns(data_dir, tmp_path):
