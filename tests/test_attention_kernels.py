@@ -226,12 +226,14 @@ def test_gpu_forward_only_refuses_gradients():
     jax.eval_shape(jax.grad(loss), q)
 
 
-def test_dispatch_runs_the_forward_only_kernel_for_cache_calls_per_device(monkeypatch):
-  """``pallas_gpu`` calls that do not fit the training kernel take the forward-only path, under a mesh too
-  (shard_map over rows and heads with ranges lacking q_lo/q_hi); ``pallas_tpu`` ones fall back to xla.
+@pytest.mark.parametrize("module", [pallas_gpu, pallas_tpu])
+def test_dispatch_runs_the_forward_only_kernel_for_cache_calls_per_device(monkeypatch, module):
+  """``pallas_gpu`` and ``pallas_tpu`` calls that do not fit the training kernel take the forward-only path,
+  under a mesh too (shard_map over rows and heads with ranges lacking q_lo/q_hi).
 
   Under the mesh the spy computes with ``dense_attention``: Mosaic GPU's interpreter keeps one shared state
-  and cannot run several devices' kernels at once (the kernel itself is checked above)."""
+  and cannot run several devices' kernels at once, and the TPU kernel runs only on a TPU or in interpret
+  mode (the kernels themselves are checked above and below)."""
   from ism_jax import sharding
 
   calls = []
@@ -240,18 +242,17 @@ def test_dispatch_runs_the_forward_only_kernel_for_cache_calls_per_device(monkey
     calls.append(args[0].shape)
     return dense_attention(*args, **kwargs)
 
-  monkeypatch.setattr(pallas_gpu, "attention_forward", spy)
+  monkeypatch.setattr(module, "attention_forward", spy)
   fill = jnp.array([[5], [70], [127], [31]], jnp.int32)
   ranges = MaskRanges(k_lo=jnp.zeros_like(fill), k_hi=fill + 1)
   q, k, v = kv_cache(8, 4, 1, 128, heads=4, kv_heads=2, dim=16)
   want = dense_attention(q, k, v, ranges)
   mesh = sharding.make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])
+  impl = module.__name__.rsplit(".", 1)[1]
   with jax.set_mesh(mesh):
-    out = jax.jit(lambda q, k, v, r: dispatch_attention(q, k, v, r, impl="pallas_gpu"))(q, k, v, ranges)
+    out = jax.jit(lambda q, k, v, r: dispatch_attention(q, k, v, r, impl=impl))(q, k, v, ranges)
   assert calls == [(2, 1, 2, 16)]  # one trace, per device: half the rows and half the heads
   np.testing.assert_allclose(out, want, atol=1e-6)
-  np.testing.assert_allclose(dispatch_attention(q, k, v, ranges, impl="pallas_tpu"), want, atol=1e-6)
-  assert len(calls) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,6 +262,45 @@ def test_dispatch_runs_the_forward_only_kernel_for_cache_calls_per_device(monkey
 
 def tpu_interpret(q, k, v, ranges):
   return pallas_tpu.attention(q, k, v, ranges, tuning=TPU_TILES, interpret=True)
+
+
+# Forward-only tiles: 8 rows (one sublane tile) or 16, keys in tiles of 32.
+TPU_FORWARD_TILES = pallas_tpu.TpuTuning(block_q=16, block_kv=32)
+
+
+def test_tpu_forward_only_interpret_chunk_over_cache():
+  """Chunks at different cache offsets (query blocks, answers, padding rows) over 224 slots, GQA 4/2: 24
+  queries x 2 heads = 48 rows per KV head in three row tiles, 224 slots in seven key tiles."""
+  types, starts = cache_chunk_layout(24)
+  ranges = chunk_ranges(jnp.asarray(types), jnp.asarray(starts), from_start=False)
+  q, k, v = kv_cache(5, 4, 24, 224, heads=4, kv_heads=2, dim=32)
+  out = pallas_tpu.attention_forward(q, k, v, ranges, tuning=TPU_FORWARD_TILES, interpret=True)
+  np.testing.assert_allclose(out, dense_attention(q, k, v, ranges), atol=2e-5)
+
+
+def test_tpu_forward_only_interpret_decode_steps():
+  """T = 1 over 200 slots (padded to 224), GQA 4/1 (4 rows, one 8-row tile), rows at different fills and
+  one empty range."""
+  fill = jnp.array([[0], [150], [63], [0]], jnp.int32)
+  ranges = MaskRanges(k_lo=jnp.zeros_like(fill), k_hi=(fill + 1).at[3].set(0))
+  q, k, v = kv_cache(6, 4, 1, 200, heads=4, kv_heads=1, dim=64)
+  assert pallas_tpu.forward_only_tiles(4, 200, TPU_FORWARD_TILES) == (8, 32)
+  out = pallas_tpu.attention_forward(q, k, v, ranges, tuning=TPU_FORWARD_TILES, interpret=True)
+  np.testing.assert_allclose(out, dense_attention(q, k, v, ranges), atol=2e-5)
+  np.testing.assert_array_equal(out[3], 0.0)  # nothing visible: zeros, like the dense path
+
+
+def test_tpu_forward_only_tiles_stay_valid_for_the_hardware():
+  """Rows in whole 8-sublane tiles up to block_q; keys in block_kv, or 128 lanes when that avoids a pad."""
+  assert pallas_tpu.forward_only_tiles(4, 2048) == (8, 512)  # a decode step of 4 query heads per KV head
+  assert pallas_tpu.forward_only_tiles(3000, 2048) == (512, 512)
+  assert pallas_tpu.forward_only_tiles(40, 1920) == (40, 128)  # 1920 = 15 x 128, not a multiple of 512
+  assert pallas_tpu.forward_only_tiles(40, 1000) == (40, 512)  # no lane multiple: keys padded to 1024
+  q, k, v = kv_cache(7, 1, 1, 64, heads=2, kv_heads=1, dim=64)
+  ranges = MaskRanges(k_lo=jnp.zeros((1, 1), jnp.int32), k_hi=jnp.full((1, 1), 9, jnp.int32))
+  loss = lambda q: pallas_tpu.attention_forward(q, k, v, ranges, interpret=True).sum()
+  with pytest.raises(NotImplementedError, match="no backward pass"):
+    jax.eval_shape(jax.grad(loss), q)
 
 
 def test_tpu_kernel_interpret_degenerate_layouts():

@@ -14,9 +14,9 @@ all three mask kinds. Implementations:
 
 ``impl="auto"`` picks by the default backend. The differentiable Pallas kernels need both range pairs
 (``q_lo``/``q_hi`` for the backward pass) and equal query and key lengths. Calls that do not fit them (a
-prefill over a KV cache, a decode step) run ``pallas_gpu``'s forward-only kernel path
-(:func:`ism_jax.attention.pallas_gpu.attention_forward`: per-query ranges, any key length, no backward) on
-GPU, and fall back to ``xla`` on TPU.
+prefill over a KV cache, a decode step) run the kernel's forward-only path (per-query ranges, any key
+length, no backward): :func:`ism_jax.attention.pallas_gpu.attention_forward` on GPU,
+:func:`ism_jax.attention.pallas_tpu.attention_forward` on TPU.
 
 Under a multi-device mesh (``jax.set_mesh``) the XLA paths are partitioned by the compiler, but a Pallas
 kernel is opaque to it; so the kernels run under ``jax.shard_map``: every device attends over its own
@@ -59,10 +59,10 @@ def key_window(impl: str, visible: int, available: int) -> int:
   """How many of ``available`` cached keys to hand :func:`attention` when no query sees past key ``visible``.
 
   The dense XLA paths pay for every key they are given, so they get the first ``visible`` only. The
-  forward-only GPU kernel reads only the keys below each query's ``k_hi`` and shares them out among its key
-  splits, so it takes all ``available`` keys (one program for every fill of the cache).
+  forward-only kernels (GPU and TPU) read only the keys below each query's ``k_hi`` (the GPU one shares them
+  out among its key splits), so they take all ``available`` keys (one program for every fill of the cache).
   """
-  return available if resolve_impl(impl) == "pallas_gpu" else visible
+  return available if resolve_impl(impl) in ("pallas_gpu", "pallas_tpu") else visible
 
 
 def _implementation(impl: str) -> Callable:
@@ -115,11 +115,9 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: M
     raise ValueError(f"ranges.k_lo has shape {ranges.k_lo.shape}, expected {q_BTHD.shape[:2]}")
   impl = resolve_impl(impl)
   kernel_fits = ranges.q_lo is not None and ranges.q_hi is not None and q_BTHD.shape[1] == k_BSKD.shape[1]
-  if impl == "pallas_gpu" and not kernel_fits:
+  if impl.startswith("pallas") and not kernel_fits:
     forward_only = importlib.import_module(_KERNEL_MODULES[impl]).attention_forward
     return per_device(forward_only, q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale)
-  if impl.startswith("pallas") and not kernel_fits:
-    impl = "xla"
   if impl.startswith("pallas"):
     return per_device(_implementation(impl), q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale)
   return _implementation(impl)(q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale)

@@ -10,6 +10,14 @@ of the ``[T, T]`` plane is never touched. Runs reach the kernels by scalar prefe
 the group inside the dk/dv kernel. The wrapper moves heads before time (TPU block shapes), pads the
 sequence to the tile multiple (padding rows see only themselves) and, on hardware, the head dimension to
 a multiple of 128 with zeros. ``interpret=True`` runs the kernels in Pallas interpret mode (CPU tests).
+
+**Forward-only path** (:func:`attention_forward`, inference): a query chunk of ``T`` rows over a KV cache of
+``S`` slots (a prefill over the cache, a decode step), ``T != S`` allowed, per-query ranges ``k_lo, k_hi``
+only, no backward pass. The forward kernel runs with the ``G = H / K`` query heads of each KV head packed
+into rows ``(t, g)``, so a decode step's few rows share each K/V tile, and it reads the cache in place: the
+``[B, S, K, D]`` cache is viewed as ``[B, S, K * D]`` and each KV head's ``[block_kv, D]`` tiles are taken
+from it (no transposed copy per call; a head dimension that is not a multiple of 128 is padded, which does
+copy). Key tiles past each row tile's largest ``k_hi`` are never fetched.
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ from ism_jax.masks import MaskRanges
 
 _LANES = 128
 
-__all__ = ["TpuTuning", "attention"]
+_SUBLANES = 8
+
+__all__ = ["TpuTuning", "attention", "attention_forward"]
 
 
 def _row_multiple(tuning: TpuTuning) -> int:
@@ -101,3 +111,106 @@ def _attention_bwd(scale, tuning: TpuTuning, interpret, residuals, dout):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward-only path: a query chunk over a KV cache (inference).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_forward_only(q_BTHD, k_BSKD, v_BSKD, ranges: MaskRanges) -> None:
+  if (q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or k_BSKD.shape != v_BSKD.shape
+      or q_BTHD.shape[0] != k_BSKD.shape[0] or q_BTHD.shape[3] != k_BSKD.shape[3]):
+    raise ValueError(f"pallas_tpu attention_forward needs q [B, T, H, D] and k, v [B, S, K, D] of one shape; "
+                     f"got q {q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKD.shape}")
+  tiles.check_head_groups(q_BTHD, k_BSKD)
+  if ranges.k_lo.shape != q_BTHD.shape[:2] or ranges.k_hi.shape != q_BTHD.shape[:2]:
+    raise ValueError(f"ranges.k_lo and k_hi must have shape {q_BTHD.shape[:2]}, got {ranges.k_lo.shape} "
+                     f"and {ranges.k_hi.shape}")
+
+
+def forward_only_tiles(rows: int, keys: int, tuning: TpuTuning = TpuTuning()) -> tuple[int, int]:
+  """``(block_q, block_kv)`` of :func:`attention_forward` for ``rows`` packed query rows over ``keys`` slots.
+
+  ``block_q``: ``tuning.block_q``, or the rows rounded up to the 8 sublanes when fewer (a decode step's
+  ``G`` rows do not pad to 512). ``block_kv``: ``tuning.block_kv``, or 128 (a whole number of lanes) when
+  that divides the key axis and ``tuning.block_kv`` does not, so the cache is not padded.
+  """
+  block_q = min(tuning.block_q, -(-rows // _SUBLANES) * _SUBLANES)
+  block_kv = tuning.block_kv
+  if keys % block_kv and keys % _LANES == 0:
+    block_kv = _LANES
+  return block_q, block_kv
+
+
+def attention_forward(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: MaskRanges, *,
+                      scale: float | None = None, tuning: TpuTuning = TpuTuning(),
+                      interpret: bool = False) -> jax.Array:
+  """Forward-only masked attention of a query chunk over a key axis of any length (inference).
+
+  Query ``t`` sees keys ``k_lo[b, t] <= s < k_hi[b, t]`` (key coordinates, e.g. cache slots); ``q_lo`` and
+  ``q_hi`` are ignored. Rows ``(t, g)`` of each KV head are padded to the row tile repeating the last row's
+  range (ranges stay non-decreasing, as the tile bounds need); keys are padded to the key tile only when it
+  does not divide ``S`` (see :func:`forward_only_tiles`).
+
+  Args:
+    q_BTHD: queries ``[B, T, H, D]``.
+    k_BSKD, v_BSKD: keys and values ``[B, S, K, D]``, ``H % K == 0``, ``S`` independent of ``T``.
+    ranges: ``MaskRanges`` with ``k_lo, k_hi`` ``[B, T]`` int, non-decreasing along ``T``. Values are
+      clipped to ``[0, S]``; a row with an empty range gives zeros (as the dense oracle does).
+    scale: logit scale, default ``D ** -0.5``.
+    tuning: ``block_q`` and ``block_kv`` are used.
+    interpret: run in Pallas interpret mode (any backend).
+
+  Returns:
+    ``[B, T, H, D]`` in ``q``'s dtype. Not differentiable: ``jax.grad`` raises ``NotImplementedError``.
+  """
+  _check_forward_only(q_BTHD, k_BSKD, v_BSKD, ranges)
+  batch, length, heads, head_dim = q_BTHD.shape
+  keys, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
+  group = heads // kv_heads
+  scale = head_dim ** -0.5 if scale is None else float(scale)
+  rows = length * group
+  block_q, block_kv = forward_only_tiles(rows, keys, tuning)
+  padded_rows = -(-rows // block_q) * block_q
+  padded_keys = -(-keys // block_kv) * block_kv
+  dim = head_dim if interpret else -(-head_dim // _LANES) * _LANES
+
+  # Rows (t, g): the group's query heads of one KV head, each with its query's range.
+  q_BKRD = q_BTHD.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+  q_BKRD = tiles.pad_axis(tiles.pad_axis(q_BKRD.reshape(batch, kv_heads, rows, head_dim), 2, padded_rows),
+                          3, dim)
+  k_lo_BR = jnp.repeat(jnp.clip(ranges.k_lo.astype(jnp.int32), 0, keys), group, axis=1)
+  k_hi_BR = jnp.repeat(jnp.clip(ranges.k_hi.astype(jnp.int32), 0, keys), group, axis=1)
+  k_lo_BR, k_hi_BR = tiles.pad_rows_repeating_last(k_lo_BR, k_hi_BR, padded_rows)
+  bounds = _bounds(k_lo_BR, k_hi_BR, block_q, block_kv)
+
+  def cache_view(x):  # [B, S, K, D] -> [B, S', K * D'], a free reshape unless S or D need padding
+    return tiles.pad_axis(tiles.pad_axis(x, 1, padded_keys), 3, dim).reshape(batch, padded_keys, -1)
+
+  out = _forward_only(q_BKRD, cache_view(k_BSKD), cache_view(v_BSKD), k_lo_BR[..., None], k_hi_BR[..., None],
+                      bounds, scale, block_q, block_kv, interpret)
+  out = out[:, :, :rows, :head_dim].reshape(batch, kv_heads, length, group, head_dim)
+  return out.transpose(0, 2, 1, 3, 4).reshape(batch, length, heads, head_dim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _forward_only(q, k, v, lo, hi, bounds, scale, block_q, block_kv, interpret):
+  return tpu_kernels.forward_only(q, k, v, lo, hi, bounds, scale=scale, block_q=block_q, block_kv=block_kv,
+                                  interpret=interpret)
+
+
+def _forward_only_fwd(q, k, v, lo, hi, bounds, scale, block_q, block_kv, interpret):
+  return _forward_only(q, k, v, lo, hi, bounds, scale, block_q, block_kv, interpret), None
+
+
+def _forward_only_bwd(scale, block_q, block_kv, interpret, residuals, cotangents):
+  del scale, block_q, block_kv, interpret, residuals, cotangents
+  raise NotImplementedError(
+      "pallas_tpu's forward-only attention (query length != key length, or ranges without q_lo/q_hi: "
+      "prefill over a KV cache, decoding) has no backward pass; differentiate calls with equal query and "
+      "key lengths and all four ranges (ism_jax.masks.make_attention_ranges), which run the training kernel"
+  )
+
+
+_forward_only.defvjp(_forward_only_fwd, _forward_only_bwd)

@@ -109,8 +109,10 @@ def _forward_kernel(bounds_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _():
-    o_ref[...] = (acc_ref[...] / l_ref[...]).astype(o_ref.dtype)
-    lse_ref[...] = m_ref[...] + jnp.log(l_ref[...])
+    l = l_ref[...]
+    # A row that sees no key (only in the forward-only path) gives zeros, like the dense oracle.
+    o_ref[...] = jnp.where(l > 0, acc_ref[...] / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
+    lse_ref[...] = m_ref[...] + jnp.log(l)
 
 
 def forward(q_BHTD, k_BKTD, v_BKTD, lo_BT1, hi_BT1, bounds, *, scale: float, tuning: TpuTuning,
@@ -140,6 +142,44 @@ def forward(q_BHTD, k_BKTD, v_BKTD, lo_BT1, hi_BT1, bounds, *, scale: float, tun
                jax.ShapeDtypeStruct((batch, heads, length, 1), jnp.float32)]
   return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, **_params(interpret))(
       bounds, q_BHTD, k_BKTD, v_BKTD, lo_BT1, hi_BT1)
+
+
+def forward_only(q_BKRD, k_BSX, v_BSX, lo_BR1, hi_BR1, bounds, *, scale: float, block_q: int, block_kv: int,
+                 interpret: bool):
+  """The forward kernel over a KV cache in its own layout: ``out [B, K, R, D]`` (no lse).
+
+  Args:
+    q_BKRD: each KV head's query rows ``[B, K, R, D]`` (the group's query heads packed into rows).
+    k_BSX, v_BSX: the cache ``[B, S, K * D]``: ``[B, S, K, D]`` reshaped for free, so the kernel reads KV head
+      ``h``'s ``[block_kv, D]`` tiles in place (no transposed copy of the cache per call).
+    lo_BR1, hi_BR1: each row's key range ``[B, R, 1]`` int32.
+    bounds: flattened row-tile bounds of ``block_q`` rows over ``block_kv`` keys.
+  """
+  batch, kv_heads, rows, dim = q_BKRD.shape
+  keys = k_BSX.shape[1]
+  bq, bk = block_q, block_kv
+  nq, nk = rows // bq, keys // bk
+
+  def kv_map(b, h, i, j, bounds_ref):
+    return b, _column_tile(bounds_ref, b * nq + i, j), h
+
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(batch, kv_heads, nq, nk),
+      in_specs=[pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j, _: (b, h, i, 0)),
+                pl.BlockSpec((None, bk, dim), kv_map),
+                pl.BlockSpec((None, bk, dim), kv_map),
+                pl.BlockSpec((None, bq, 1), lambda b, h, i, j, _: (b, i, 0)),
+                pl.BlockSpec((None, bq, 1), lambda b, h, i, j, _: (b, i, 0))],
+      out_specs=[pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j, _: (b, h, i, 0)),
+                 pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, _: (b, h, i, 0))],
+      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                      pltpu.VMEM((bq, dim), jnp.float32)])
+  kernel = functools.partial(_forward_kernel, scale=scale, num_q_tiles=nq, block_kv=bk)
+  out_shape = [jax.ShapeDtypeStruct(q_BKRD.shape, q_BKRD.dtype),
+               jax.ShapeDtypeStruct((batch, kv_heads, rows, 1), jnp.float32)]
+  out, _ = pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, **_params(interpret))(
+      bounds, q_BKRD, k_BSX, v_BSX, lo_BR1, hi_BR1)
+  return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ Shapes are bucketed so that few programs are compiled: a chunk is padded to ``T`
 (powers of two, then multiples of ``bucket_step``; see :func:`bucket_lengths`); padding is never seen, and
 its cache writes land past the row's fill or are dropped past the end. Each prefill attends over a key window
 of ``W`` slots. When every row starts at slot 0 (a first round, a ``prefix`` recompute) ``W = T`` and the
-ranges are the chunk's own (all four arrays), so on GPU the training kernel runs. Other prefills and the
-decode step have per-query ranges: on GPU they run the kernel's forward-only path, which reads only the
-slots below each row's ``k_hi`` and shares them out among its key splits (:mod:`ism_jax.attention`), so they
-take the whole cache (``W = max_len``); the dense XLA path pays for every key it is given, so there ``W`` is
-the bucket length at or above the furthest slot any row's chunk reaches and an early round does not pay for
-the empty end of the cache (:func:`ism_jax.attention.key_window` says which). Compiled programs
+ranges are the chunk's own (all four arrays), so on GPU and TPU the training kernel runs. Other prefills and
+the decode step have per-query ranges: on GPU and TPU they run the kernel's forward-only path, which reads
+only the slots below each row's ``k_hi`` (on GPU shared out among its key splits; :mod:`ism_jax.attention`),
+so they take the whole cache (``W = max_len``); the dense XLA path pays for every key it is given, so there
+``W`` is the bucket length at or above the furthest slot any row's chunk reaches and an early round does not
+pay for the empty end of the cache (:func:`ism_jax.attention.key_window` says which). Compiled programs
 (:mod:`ism_jax.inference.steps`): one decode program, and one prefill per ``(T, W)`` pair, shared by all
 engines over equal models (:func:`~ism_jax.inference.steps.compiled_counts` counts them;
 :meth:`Engine.warmup` compiles them ahead). The cache buffer is donated to every step: updates are in place.
