@@ -8,7 +8,8 @@ Tile runs come in by scalar prefetch (flattened ``[B * tiles * 4]`` int32, see
 ``j`` visits column tile ``start + j``; steps past ``end`` map to the last tile of the run (the pipeline
 does not fetch an unchanged block again) and do no math. Tiles in ``[full_start, full_end)`` skip the
 elementwise mask. Every kernel keeps queries on the rows of its score tile ``s [block_q, block_kv]``, so
-the per-query ranges mask the dk/dv pass too (the per-key ranges only pick its tiles).
+the per-query ranges mask the dk/dv pass too (the per-key ranges only pick its tiles). The kernels are named
+(``ism_forward``, ``ism_dq``, ``ism_dkv``, ``ism_forward_only``), so a lowered module shows which ran.
 """
 
 from __future__ import annotations
@@ -140,8 +141,8 @@ def forward(q_BHTD, k_BKTD, v_BKTD, lo_BT1, hi_BT1, bounds, *, scale: float, tun
   kernel = functools.partial(_forward_kernel, scale=scale, num_q_tiles=nq, block_kv=bk)
   out_shape = [jax.ShapeDtypeStruct(q_BHTD.shape, q_BHTD.dtype),
                jax.ShapeDtypeStruct((batch, heads, length, 1), jnp.float32)]
-  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, **_params(interpret))(
-      bounds, q_BHTD, k_BKTD, v_BKTD, lo_BT1, hi_BT1)
+  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, name="ism_forward",
+                        **_params(interpret))(bounds, q_BHTD, k_BKTD, v_BKTD, lo_BT1, hi_BT1)
 
 
 def forward_only(q_BKRD, k_BSX, v_BSX, lo_BR1, hi_BR1, bounds, *, scale: float, block_q: int, block_kv: int,
@@ -177,8 +178,8 @@ def forward_only(q_BKRD, k_BSX, v_BSX, lo_BR1, hi_BR1, bounds, *, scale: float, 
   kernel = functools.partial(_forward_kernel, scale=scale, num_q_tiles=nq, block_kv=bk)
   out_shape = [jax.ShapeDtypeStruct(q_BKRD.shape, q_BKRD.dtype),
                jax.ShapeDtypeStruct((batch, kv_heads, rows, 1), jnp.float32)]
-  out, _ = pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, **_params(interpret))(
-      bounds, q_BKRD, k_BSX, v_BSX, lo_BR1, hi_BR1)
+  out, _ = pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, name="ism_forward_only",
+                          **_params(interpret))(bounds, q_BKRD, k_BSX, v_BSX, lo_BR1, hi_BR1)
   return out
 
 
@@ -232,7 +233,7 @@ def dq_pass(q, k, v, do, lse, delta, lo, hi, bounds, *, scale: float, tuning: Tp
       out_specs=rows, scratch_shapes=[pltpu.VMEM((bq, dim), jnp.float32)])
   kernel = functools.partial(_dq_kernel, scale=scale, num_q_tiles=nq, block_kv=bk)
   return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-                        **_params(interpret))(bounds, q, k, v, do, lse, delta, lo, hi)
+                        name="ism_dq", **_params(interpret))(bounds, q, k, v, do, lse, delta, lo, hi)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,5 +299,5 @@ def dkv_pass(q, k, v, do, lse, delta, lo, hi, bounds, *, scale: float, tuning: T
       scratch_shapes=[pltpu.VMEM((bk, dim), jnp.float32), pltpu.VMEM((bk, dim), jnp.float32)])
   kernel = functools.partial(_dkv_kernel, scale=scale, num_kv_tiles=nk, num_q_tiles=nq, block_kv=bk)
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2
-  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, **_params(interpret))(
-      bounds, q, k, v, do, lse, delta, lo, hi)
+  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, name="ism_dkv",
+                        **_params(interpret))(bounds, q, k, v, do, lse, delta, lo, hi)
