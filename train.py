@@ -48,13 +48,13 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields are set with "
                          "--config.<field>=value")
-  from ism_jax.training import checkpointing, loop  # pylint: disable=import-outside-toplevel
+  from ism_jax.training import checkpointing, distributed, loop  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS["verbosity"].present:  # library INFO logs only with --verbosity=0 or more
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   try:
     config_lib.validate(config, where=f"config {_config_path(sys.argv)}")
-    loop.initialize_distributed(config)
+    distributed.initialize_distributed(config)
     loop.train(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError, checkpointing.CheckpointMismatchError, loop.NonFiniteLossError) as e:
     if flags.FLAGS.verbosity >= 1:  # --verbosity=1 shows the traceback

@@ -18,6 +18,7 @@ batches the original would have yielded next.
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import grain
@@ -117,3 +118,51 @@ class PackedBatchIterator(grain.DatasetIterator):
 
   def __str__(self) -> str:
     return "PackedBatchIterator"
+
+
+class ConcatenatedBatches:
+  """Several packed-batch iterators side by side: batch ``i`` is their batches ``i`` concatenated by rows.
+
+  A host that reads several data shards (one iterator each, ``rows / shards`` rows per batch) builds the
+  rows that as many hosts, one shard each, would contribute to the global batch, in the same order. State
+  (JSON-serialisable): ``{"shards": [state of each iterator]}``. Grain's checkpoint handler restores
+  iterators that are not grain ``DatasetIterator``s by ``set_state(bytes)`` and ``start_prefetch()``.
+  """
+
+  def __init__(self, iterators: list[PackedBatchIterator]):
+    if not iterators:
+      raise ValueError("ConcatenatedBatches needs at least one iterator")
+    self._iterators = list(iterators)
+
+  def __iter__(self) -> "ConcatenatedBatches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batches = [next(iterator) for iterator in self._iterators]
+    return {key: np.concatenate([b[key] for b in batches], axis=0) for key in batches[0]}
+
+  @property
+  def stats(self) -> packing.PackingStats:
+    """The shards' counts added up."""
+    total = {}
+    for iterator in self._iterators:
+      for key, value in iterator.stats.as_dict().items():
+        total[key] = total.get(key, 0) + value
+    return packing.PackingStats.from_dict(total)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"shards": [iterator.get_state() for iterator in self._iterators]}
+
+  def set_state(self, state: dict[str, Any] | bytes) -> None:
+    if isinstance(state, bytes):
+      state = json.loads(state.decode("utf-8"))
+    if "shards" not in state or len(state["shards"]) != len(self._iterators):
+      held = len(state.get("shards", [None]))
+      raise ValueError(f"the data iterator state holds {held} shards, this host reads "
+                       f"{len(self._iterators)}; resume with the same data.num_shards and process count")
+    for iterator, shard_state in zip(self._iterators, state["shards"]):
+      iterator.set_state(shard_state)
+
+  def start_prefetch(self) -> None:
+    for iterator in self._iterators:
+      iterator.start_prefetch()

@@ -39,7 +39,7 @@ import numpy as np
 from ism_jax.data import builders, packing
 from ism_jax.data.chat_template import encode_dialogue
 from ism_jax.data.dialogue import Message
-from ism_jax.data.packed_iterator import PackedBatchIterDataset, PackedBatchIterator
+from ism_jax.data.packed_iterator import ConcatenatedBatches, PackedBatchIterDataset, PackedBatchIterator
 from ism_jax.data.tokenizer import ChatTokenizer
 from ism_jax.data.tokenizer import load_tokenizer as load_tokenizer_file
 
@@ -60,6 +60,8 @@ class PipelineConfig:
   num_epochs: int | None = None       # None repeats forever
   shard_index: int | None = None      # this host's shard; None → jax.process_index()
   shard_count: int | None = None      # number of shards; None → jax.process_count()
+  num_shards: int | None = None       # train shards over all hosts, a multiple of shard_count; None = one
+                                      # per host (see train_shards)
   vocab_size: int = 4000              # tokenizer size when training one
   tokenizer_path: str | None = None   # a .model file or a Hugging Face checkpoint folder to load instead
   num_threads: int = 2                # reader threads (tokenization runs there)
@@ -93,6 +95,21 @@ class PipelineConfig:
     if not 0 <= index < count:
       raise ValueError(f"shard_index must be in [0, shard_count), got {index} of {count}")
     return index, count
+
+  def train_shards(self) -> list[tuple[int, int]]:
+    """``(shard_index, shard_count)`` of each train shard this host reads, in the order of its rows.
+
+    ``num_shards`` shards are split evenly over the hosts: host ``p`` of ``n`` reads shards ``p k, ...,
+    p k + k - 1`` with ``k = num_shards / n``, each packing ``batch_size / k`` of its rows. So one host with
+    ``num_shards = 2`` builds the global batches of two hosts with one shard each.
+    """
+    index, count = self.shard()
+    total = self.num_shards or count
+    if total % count or self.batch_size % (total // count):
+      raise ValueError(f"num_shards={total} must be a multiple of the {count} hosts, and batch_size="
+                       f"{self.batch_size} a multiple of the {total // count or 1} shards each host reads")
+    per_host = total // count
+    return [(index * per_host + j, total) for j in range(per_host)]
 
 
 def prepare_data(config: PipelineConfig) -> None:
@@ -168,24 +185,41 @@ def _dialogues(config: PipelineConfig, tokenizer: ChatTokenizer, split: str, shu
 
 
 def make_train_iterator(config: PipelineConfig, tokenizer: ChatTokenizer,
-                        split: str = "train") -> PackedBatchIterator:
-  """The shuffled, repeated, sharded, packed training stream (see module docstring).
+                        split: str = "train") -> PackedBatchIterator | ConcatenatedBatches:
+  """The shuffled, repeated, sharded, packed training stream (see module docstring); with several shards
+  per host (:meth:`PipelineConfig.train_shards`) their batches side by side, rows in shard order.
 
-  A whole pass over this host's shard in which no dialogue fits ``seq_len`` raises ``ValueError`` instead
-  of reading on forever (see :func:`survey_lengths` for the check made before training starts).
+  A whole pass over a shard in which no dialogue fits ``seq_len`` raises ``ValueError`` instead of reading
+  on forever (see :func:`survey_lengths` for the check made before training starts).
 
   Returns:
-    A grain ``DatasetIterator`` of batch dicts with ``get_state``/``set_state`` and a ``stats`` attribute
+    A checkpointable iterator of batch dicts with ``get_state``/``set_state`` and a ``stats`` attribute
     (:class:`~ism_jax.data.packing.PackingStats`: truncation counts, fill rate).
   """
-  shard = config.shard()
-  dialogues = _dialogues(config, tokenizer, split, shuffle=True, num_epochs=config.num_epochs, shard=shard)
-  shard_size = len(range(shard[0], len(builders.data_source(config.name, config.data_dir, split)), shard[1]))
-  packed = PackedBatchIterDataset(dialogues, seq_len=config.seq_len, batch_size=config.batch_size,
-                                  loss_on=config.loss_on, triplets=config.triplets,
-                                  max_dropped_in_a_row=shard_size,
-                                  where=f"{config.name}/{split} (shard {shard[0]} of {shard[1]})")
-  return iter(packed)
+  shards = config.train_shards()
+  rows = config.batch_size // len(shards)
+  size = len(builders.data_source(config.name, config.data_dir, split))
+  iterators = []
+  for shard in shards:
+    dialogues = _dialogues(config, tokenizer, split, shuffle=True, num_epochs=config.num_epochs, shard=shard)
+    packed = PackedBatchIterDataset(dialogues, seq_len=config.seq_len, batch_size=rows,
+                                    loss_on=config.loss_on, triplets=config.triplets,
+                                    max_dropped_in_a_row=len(range(shard[0], size, shard[1])),
+                                    where=f"{config.name}/{split} (shard {shard[0]} of {shard[1]})")
+    iterators.append(iter(packed))
+  return iterators[0] if len(iterators) == 1 else ConcatenatedBatches(iterators)
+
+
+def describe_train_shards(config: PipelineConfig) -> str:
+  """E.g. ``"process 1 of 2 reads chitchat/train shard 1 of 2: records 1, 3, 5, ... (1000 of 2000)"``."""
+  index, count = config.shard()
+  total = len(builders.data_source(config.name, config.data_dir, "train"))
+  parts = []
+  for shard, shards in config.train_shards():
+    records = range(shard, total, shards)
+    first = ", ".join(str(r) for r in records[:3])
+    parts.append(f"shard {shard} of {shards}: records {first}, ... ({len(records)} of {total})")
+  return f"process {index} of {count} reads {config.name}/train " + "; ".join(parts)
 
 
 SURVEY_DIALOGUES = 2000  # dialogues tokenized by survey_lengths (evenly spaced over the split)
@@ -311,13 +345,16 @@ class Inputs:
       without a validation split).
     survey: the train split's token lengths against ``seq_len`` (:func:`survey_lengths`, the same sample on
       every host); the caller decides how many dropped dialogues are too many.
+    shard_report: which train records this host reads (:func:`describe_train_shards`) when the data is
+      split at all (several hosts or shards), else ``""``.
   """
 
   tokenizer: ChatTokenizer
-  train: PackedBatchIterator
+  train: PackedBatchIterator | ConcatenatedBatches
   eval_batches: list[dict[str, np.ndarray]]
   sample_dialogues: list[list[Message]]
   survey: LengthSurvey
+  shard_report: str
 
 
 def open_inputs(config: PipelineConfig, tokenizer: ChatTokenizer | None = None) -> Inputs:
@@ -338,4 +375,6 @@ def open_inputs(config: PipelineConfig, tokenizer: ChatTokenizer | None = None) 
   evals = make_eval_batches(config, tokenizer, max_dialogues=config.eval_max_dialogues) if validation else []
   samples = read_dialogues(config, "validation" if validation else "train", config.sample_dialogues)
   survey = survey_lengths(config, tokenizer)
-  return Inputs(tokenizer, make_train_iterator(config, tokenizer), evals, samples, survey)
+  split = config.shard()[1] > 1 or len(config.train_shards()) > 1
+  report = describe_train_shards(config) if split else ""
+  return Inputs(tokenizer, make_train_iterator(config, tokenizer), evals, samples, survey, report)

@@ -32,8 +32,8 @@ from ism_jax.model import ModelConfig
 # Sections that older runs saved and this schema dropped (``debug``: a test-only fault injection).
 RETIRED_SECTIONS = ("debug",)
 # Fields whose change would make a resumed run read different data or build a different model.
-RESUME_LOCKED_FIELDS = ("seed", "data.name", "data.seq_len", "data.loss_on", "training.global_batch_size",
-                        "model.mask")
+RESUME_LOCKED_FIELDS = ("seed", "data.name", "data.seq_len", "data.loss_on", "data.num_shards",
+                        "training.global_batch_size", "model.mask")
 
 
 def base_config(model: str | None = None) -> ml_collections.ConfigDict:
@@ -59,6 +59,7 @@ def base_config(model: str | None = None) -> ml_collections.ConfigDict:
   config.data.max_dropped_fraction = 0.5  # refuse to start when more train dialogues than this exceed seq_len
   config.data.loss_on = "all"  # train on "all" answers of a dialogue or the "last" one only
   config.data.prefix_triplets = True  # mask "prefix": one example per round of each dialogue (triplets)
+  config.data.num_shards = 0  # train shards (a multiple of the process count); 0 = one per process
   config.data.num_threads = 2  # reader threads (tokenization runs there)
   config.data.prefetch = 64  # dialogues read ahead
   config.data.eval_max_dialogues = 0  # validation dialogues evaluated; 0 = the whole split
@@ -111,6 +112,7 @@ def _add_run_sections(config: ml_collections.ConfigDict) -> None:
   config.distributed.num_processes = 0  # processes in the job; 0 = detect
   config.distributed.process_id = -1  # this process's index; -1 = detect
   config.distributed.initialization_timeout = 300  # seconds for every process to join, then exit (error)
+  config.distributed.heartbeat_timeout = 100  # seconds of silence after which a process counts as dead
 
 
 def pretrained_config(source: str) -> ml_collections.ConfigDict:
@@ -204,12 +206,20 @@ def validate(config: ml_collections.ConfigDict, where: str = "config") -> None:
     problems.append(str(e))
   if config.data.seq_len < 2:
     problems.append(f"data.seq_len={config.data.seq_len} must be at least 2")
+  if config.data.num_shards < 0:
+    problems.append(f"data.num_shards={config.data.num_shards} must be >= 0 (0 = one per process)")
+  elif config.data.num_shards and training.global_batch_size % config.data.num_shards:
+    problems.append(f"training.global_batch_size={training.global_batch_size} must be a multiple of "
+                    f"data.num_shards={config.data.num_shards} (each shard packs an equal share)")
   if not 0.0 <= config.data.max_dropped_fraction <= 1.0:
     problems.append(f"data.max_dropped_fraction={config.data.max_dropped_fraction} must be in [0, 1]")
   if [mesh.data, mesh.fsdp, mesh.tensor].count(-1) > 1:
     problems.append("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
   if config.optimizer.warmup_steps < 0 or config.optimizer.learning_rate <= 0:
     problems.append("optimizer.learning_rate must be positive and optimizer.warmup_steps >= 0")
+  if config.distributed.heartbeat_timeout < 1:
+    problems.append(f"distributed.heartbeat_timeout={config.distributed.heartbeat_timeout} must be at least "
+                    "1 (seconds)")
   if config.distributed.initialization_timeout < 1:
     problems.append(f"distributed.initialization_timeout={config.distributed.initialization_timeout} must be "
                     "at least 1 (seconds)")

@@ -30,6 +30,7 @@ def pipeline_config(config: ml_collections.ConfigDict) -> pipeline.PipelineConfi
       name=data.name, data_dir=data.data_dir, seq_len=data.seq_len, batch_size=rows // jax.process_count(),
       loss_on=data.loss_on, triplets=config.model.mask == "prefix" and data.prefix_triplets, seed=config.seed,
       vocab_size=data.vocab_size, tokenizer_path=data.tokenizer_path or None,
+      num_shards=data.num_shards or None,
       num_threads=data.num_threads, prefetch=data.prefetch,
       eval_max_dialogues=data.eval_max_dialogues or None,
       sample_dialogues=config.sample.dialogues if config.sample.enabled else 0)

@@ -25,8 +25,6 @@ import json
 import logging
 import os
 import signal
-import sys
-import threading
 import time
 from typing import Any, Callable
 
@@ -41,6 +39,7 @@ from ism_jax.data.pipeline import Inputs
 from ism_jax.training import checkpointing, evaluation, flops, inputs, metrics, sample
 from ism_jax.training import config as config_lib
 from ism_jax.training import train_step as ts
+from ism_jax.training.distributed import PeerMonitor
 from ism_jax.training.optimizer import optimizer_from_config
 
 _log = logging.getLogger(__name__)
@@ -154,50 +153,6 @@ class _IteratorSnapshot:
 
   def get_state(self) -> bytes:
     return self._data
-
-
-def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """``jax.distributed.initialize()`` when ``distributed.enabled`` (call before any other JAX work).
-
-  JAX aborts the process (a C++ fatal error, no Python exception) when the processes do not all join in
-  time, and by default waits 5 minutes first. So a watchdog thread enforces
-  ``distributed.initialization_timeout`` itself (JAX gets a minute more as a backstop): when the job is not
-  complete by then, it prints an error naming ``coordinator_address``, ``num_processes`` and ``process_id``
-  and exits the process with status 1. Causes: the coordinator (process 0) is unreachable, or fewer
-  processes than ``num_processes`` were started.
-  """
-  d = config.distributed
-  if not d.enabled:
-    return
-  address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or "(auto-detected)"
-  timeout = int(d.initialization_timeout)
-  joined = threading.Event()
-
-  def watchdog():
-    if joined.wait(timeout):
-      return
-    print(f"error: jax.distributed.initialize did not complete within distributed.initialization_timeout="
-          f"{timeout} s (distributed.coordinator_address={address}, distributed.num_processes="
-          f"{d.num_processes or '(detect)'}, distributed.process_id="
-          f"{d.process_id if d.process_id >= 0 else '(detect)'}): either the coordinator, process 0, cannot "
-          "be reached at that address (not started, wrong host or port, a firewall), or fewer processes than "
-          "num_processes were started (every process needs the same distributed.num_processes and its own "
-          "process_id). Fix the address or the counts and start all processes again", file=sys.stderr,
-          flush=True)
-    os._exit(1)  # pylint: disable=protected-access
-
-  threading.Thread(target=watchdog, name="ism_jax-distributed-watchdog", daemon=True).start()
-  try:
-    jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
-                               num_processes=d.num_processes or None,
-                               process_id=None if d.process_id < 0 else d.process_id,
-                               initialization_timeout=timeout + 60)
-  except ValueError as e:
-    raise ValueError(f"jax.distributed.initialize failed: {e}. Set distributed.coordinator_address "
-                     "('host:port' of process 0), distributed.num_processes and distributed.process_id where "
-                     "they cannot be detected (no TPU, Slurm or Open MPI environment)") from e
-  finally:
-    joined.set()
 
 
 @dataclasses.dataclass
@@ -337,6 +292,8 @@ def _announce(run: _Run, start: int, workdir: str, state) -> None:
       f"{dict(run.mesh.shape)}, {t.global_batch_size} rows x {config.data.seq_len} tokens per step, "
       f"workdir {workdir}")
   run.progress.message(run.data.survey.summary())
+  if run.data.shard_report:  # every process says which records it reads
+    print(run.data.shard_report, flush=True)
   if start >= t.num_steps:
     run.progress.message(f"the checkpoint at step {start} already reaches training.num_steps={t.num_steps}; "
                          "raise --config.training.num_steps to train further")
@@ -401,7 +358,10 @@ def _loop(run: _Run, state, start: int, latest: int | None, after_step):
   window, saved, record, step = _Window(), latest, {}, start
   with jax.set_mesh(run.mesh):
     run.guard = _DivergenceGuard(t.divergence_factor, float(jax.jit(optax.tree.norm)(state.params)))
-  with _StopSignal(run.checkpointer) as stop, jax.set_mesh(run.mesh):
+  status = lambda: (f"The last step started here is {step}; the newest checkpoint is "  # read when a peer dies
+                    + (f"step {saved} in {run.checkpointer.directory}" if saved is not None else "none yet"))
+  monitor = PeerMonitor(run.config.distributed.heartbeat_timeout, status)
+  with _StopSignal(run.checkpointer) as stop, monitor, jax.set_mesh(run.mesh):
     for step in range(start + 1, t.num_steps + 1):
       host_batch = next(run.data.train)
       inputs.check_batch(host_batch, kind)
