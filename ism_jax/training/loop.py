@@ -2,7 +2,9 @@
 
 Order of work, so that nothing is written before every check has passed:
 
-1. validate the config; build the mesh; build the dataset and tokenizer if missing;
+1. validate the config; build the mesh; build the dataset and tokenizer if missing; survey the train
+   dialogues' lengths against ``data.seq_len`` (error if none fits or more than
+   ``data.max_dropped_fraction`` would be dropped);
 2. if ``WORKDIR/checkpoints`` has a checkpoint: check that its tokenizer, vocabulary and model/data config
    match this run (error otherwise), then restore parameters, optimizer state and the data iterator;
 3. copy the tokenizer into the workdir and write ``config.json``;
@@ -10,8 +12,9 @@ Order of work, so that nothing is written before every check has passed:
    are fetched (a NaN/Inf loss stops the run here, before any later checkpoint, so the newest checkpoint on
    disk is the last good one), written to ``metrics.jsonl`` / TensorBoard and the progress bar; every
    ``eval_every`` steps the validation set is evaluated; every ``checkpoint_every`` steps and at the end a
-   checkpoint is started (async);
-5. SIGTERM (or Ctrl-C) finishes the current step, saves a checkpoint and returns cleanly;
+   checkpoint is started (async), once the state has passed the divergence check (:class:`_DivergenceGuard`);
+5. SIGTERM (or Ctrl-C) finishes the current step, saves a checkpoint and returns cleanly; in a multi-process
+   run a process that dies stops the others with an error (:class:`ism_jax.training.distributed.PeerMonitor`);
 6. at the end, a short greedy chat with the trained model is printed.
 
 The step has no randomness (no dropout), and the data order is a pure function of the seed and the iterator
