@@ -70,15 +70,17 @@ class PeerMonitor:
   A process that dies (killed, out of memory, a crashed host) leaves the others blocked in their next
   collective; JAX aborts them only after its heartbeat timeout, with a C++ fatal error. Instead a thread
   in every process writes a counter to the coordinator's key-value store every ``timeout / 10`` seconds
-  and reads the others'; once a process's counter has not moved for ``timeout`` seconds this process
-  prints an error (which process, the last step finished here, the newest checkpoint and how to resume)
-  and exits with status 1 without saving: a checkpoint needs every process. (JAX's own heartbeat timeout
-  is set a minute longer, so this message comes first.) A no-op in single-process runs.
+  and reads the others'; once a process's counter has not moved for ``timeout`` seconds (three times that
+  before its first write, while it may still be setting up) this process prints an error (which process,
+  the last step started here, the newest checkpoint and how to resume) and exits with status 1 without
+  saving: a checkpoint needs every process. (JAX's own heartbeat timeout is set a minute longer, so this
+  message comes first.) If process 0 dies, the coordinator goes with it and JAX aborts the others at once
+  with its own message. A no-op in single-process runs.
 
   Args:
     timeout: seconds of silence after which a process counts as dead (``distributed.heartbeat_timeout``).
-    status: called at that moment for the last step and checkpoint, e.g. ``"step 5 finished here; the
-      newest checkpoint is step 3 in DIR"``.
+    status: called at that moment for the last step and checkpoint, e.g. ``"The last step started here is
+      6; the newest checkpoint is step 3 in DIR"``.
   """
 
   def __init__(self, timeout: float, status: Callable[[], str]):
@@ -121,7 +123,8 @@ class PeerMonitor:
           value = None  # not written yet
         if value != seen[p][0]:
           seen[p] = (value, now)
-        elif now - seen[p][1] > self.timeout and not self._stop.is_set():
+        # A process not heard from yet may still be setting up: it gets three times as long.
+        elif now - seen[p][1] > self.timeout * (1 if seen[p][0] else 3) and not self._stop.is_set():
           print(f"error: process {p} of {count} stopped responding {self.timeout:g} s ago (killed, crashed "
                 f"or hung; distributed.heartbeat_timeout={self.timeout:g}); process {me} stops without "
                 f"saving, since a checkpoint needs every process. {self._status()}. Start all {count} "
