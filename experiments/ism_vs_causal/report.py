@@ -107,8 +107,8 @@ def _seed_mean(members: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 def _cell(interval: dict | None, digits: int = 3) -> str:
   if interval is None:
     return "—"
-  if interval["n"] == 1:
-    return f"{interval['mean']:.{digits}f} (1 seed)"
+  if interval["n"] == 1:  # no interval from one seed; the row's label says so
+    return f"{interval['mean']:.{digits}f}"
   return f"{interval['mean']:.{digits}f} ± {interval['ci95']:.{digits}f}"
 
 
@@ -135,7 +135,7 @@ def markdown(meta: dict, summary: dict) -> str:
         "—" if not np.isfinite(v) else f"{v:.3f}" for v in values["nll"]) + " |")
   for key, cells in summary["nll"].items():
     seeds = len(summary["seeds"][key])
-    lines.append(f"| {key} ({seeds} seeds) | " + " | ".join(_cell(c) for c in cells) + " |")
+    lines.append(f"| {key} ({seeds} seed{'s' if seeds > 1 else ''}) | " + " | ".join(_cell(c) for c in cells) + " |")
   lines += ["", "Paired differences of answer NLL (nats per token; negative = the first arm is better), "
             "seed-averaged per dialogue, 95% bootstrap CI over dialogues, relative change in brackets:", ""]
   lines += _head("comparison", [f"round {h}" for h in heads])
@@ -150,7 +150,8 @@ def markdown(meta: dict, summary: dict) -> str:
       lines.append(f"| base model, {mask} mask | " + " | ".join(
           f"{values['recall'].get(d, float('nan')):.3f}" for d in distances) + " |")
     for key, cells in summary["recall"].items():
-      lines.append(f"| {key} | " + " | ".join(_cell(cells.get(d), 3) for d in distances) + " |")
+      seeds = len(summary["seeds"][key])
+      lines.append(f"| {key} ({seeds} seed{'s' if seeds > 1 else ''}) | " + " | ".join(_cell(cells.get(d), 3) for d in distances) + " |")
   lines += ["", "Cost per run (mean ± 95% CI over seeds): real tokens processed, steady-state training "
             "seconds (compile, evaluation and checkpoints excluded), whole-run wall seconds, device-seconds:",
             ""]
