@@ -62,7 +62,7 @@ FULL = Protocol()
 # steps. It exercises the pipeline and the statistics, not the result.
 SMOKE = Protocol(base=os.path.join(REPO, "tests", "fixtures", "hf", "qwen2"),
                  dataset="synthetic_multiturn/small",
-                 seq_len=128, rows=8, seeds=(0, 1), lengths=(("short", 2),), probe_lengths=("short",),
+                 seq_len=128, rows=8, seeds=(0,), lengths=(("short", 2),), probe_lengths=("short",),
                  eval_dialogues=6, probe_per_distance=2, probe_distances=(0, 2), probe_max_new_tokens=4,
                  probe_batch=4, probe_max_len=1024, compute_dtype="float32", expansion_sample=50)
 

@@ -107,8 +107,8 @@ def _seed_mean(members: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 def _cell(interval: dict | None, digits: int = 3) -> str:
   if interval is None:
     return "—"
-  if interval["n"] == 1:
-    return f"{interval['mean']:.{digits}f} (1 seed)"
+  if interval["n"] == 1:  # no interval from one seed; the row's label says so
+    return f"{interval['mean']:.{digits}f}"
   return f"{interval['mean']:.{digits}f} ± {interval['ci95']:.{digits}f}"
 
 
@@ -118,42 +118,44 @@ def _difference(c: dict) -> str:
   return f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] ({100 * c['relative']:+.1f}%)"
 
 
+def _head(first: str, columns: list[str]) -> list[str]:
+  """A markdown table's header row and separator."""
+  return [f"| {first} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+
+
 def markdown(meta: dict, summary: dict) -> str:
   """The report's tables (NLL by round, paired differences, recall by distance, cost)."""
   rounds = meta["protocol"].get("num_rounds", 8)
   heads = [str(r + 1) for r in range(rounds - 1)] + [f"{rounds}+", "all"]
   lines = [f"Held-out dialogues: {meta['validation_dialogues']}; device: {meta['device']}; prefix token "
            f"expansion {meta['expansion']:.2f}x. Mean ± 95% CI over seeds (Student t).", ""]
-  lines += ["| run | " + " | ".join(f"round {h}" for h in heads) + " |",
-            "|---" * (len(heads) + 1) + "|"]
+  lines += _head("run", [f"round {h}" for h in heads])
   for mask, values in summary["zero_shot"].items():
     lines.append(f"| base model, {mask} mask (zero-shot) | " + " | ".join(
         "—" if not np.isfinite(v) else f"{v:.3f}" for v in values["nll"]) + " |")
   for key, cells in summary["nll"].items():
     seeds = len(summary["seeds"][key])
-    lines.append(f"| {key} ({seeds} seeds) | " + " | ".join(_cell(c) for c in cells) + " |")
+    lines.append(f"| {key} ({seeds} seed{'s' if seeds > 1 else ''}) | " + " | ".join(_cell(c) for c in cells) + " |")
   lines += ["", "Paired differences of answer NLL (nats per token; negative = the first arm is better), "
-            "seed-averaged per dialogue, 95% bootstrap CI over dialogues, relative change in brackets:", "",
-            "| comparison | " + " | ".join(f"round {h}" for h in heads) + " |",
-            "|---" * (len(heads) + 1) + "|"]
+            "seed-averaged per dialogue, 95% bootstrap CI over dialogues, relative change in brackets:", ""]
+  lines += _head("comparison", [f"round {h}" for h in heads])
   for key, cells in summary["differences"].items():
-    lines.append(f"| {key} | " + " | ".join(
-        _difference(c) for c in cells) + " |")
+    lines.append(f"| {key} | " + " | ".join(_difference(c) for c in cells) + " |")
   distances = sorted({d for v in summary["recall"].values() for d in v}, key=int)
   if distances:
     lines += ["", "Recall probe: share of greedy answers that contain the fact, by distance (rounds between "
-              "the fact and the question):", "",
-              "| run | " + " | ".join(f"distance {d}" for d in distances) + " |",
-              "|---" * (len(distances) + 1) + "|"]
+              "the fact and the question):", ""]
+    lines += _head("run", [f"distance {d}" for d in distances])
     for mask, values in summary["zero_shot"].items():
       lines.append(f"| base model, {mask} mask | " + " | ".join(
           f"{values['recall'].get(d, float('nan')):.3f}" for d in distances) + " |")
     for key, cells in summary["recall"].items():
-      lines.append(f"| {key} | " + " | ".join(_cell(cells.get(d), 3) for d in distances) + " |")
+      seeds = len(summary["seeds"][key])
+      lines.append(f"| {key} ({seeds} seed{'s' if seeds > 1 else ''}) | " + " | ".join(_cell(cells.get(d), 3) for d in distances) + " |")
   lines += ["", "Cost per run (mean ± 95% CI over seeds): real tokens processed, steady-state training "
             "seconds (compile, evaluation and checkpoints excluded), whole-run wall seconds, device-seconds:",
-            "",
-            "| run | tokens | train s | wall s | device-s |", "|---|---|---|---|---|"]
+            ""]
+  lines += _head("run", ["tokens", "train s", "wall s", "device-s"])
   for key, cost in summary["cost"].items():
     if isinstance(cost, dict):
       lines.append(f"| {key} | {cost['tokens']['mean']:,.0f} | {_cell(cost['train_seconds'], 1)} | "
