@@ -118,17 +118,6 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_forward_only(q_BTHD, k_BSKD, v_BSKD, ranges: MaskRanges) -> None:
-  if (q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or k_BSKD.shape != v_BSKD.shape
-      or q_BTHD.shape[0] != k_BSKD.shape[0] or q_BTHD.shape[3] != k_BSKD.shape[3]):
-    raise ValueError(f"pallas_tpu attention_forward needs q [B, T, H, D] and k, v [B, S, K, D] of one shape; "
-                     f"got q {q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKD.shape}")
-  tiles.check_head_groups(q_BTHD, k_BSKD)
-  if ranges.k_lo.shape != q_BTHD.shape[:2] or ranges.k_hi.shape != q_BTHD.shape[:2]:
-    raise ValueError(f"ranges.k_lo and k_hi must have shape {q_BTHD.shape[:2]}, got {ranges.k_lo.shape} "
-                     f"and {ranges.k_hi.shape}")
-
-
 def forward_only_tiles(rows: int, keys: int, tuning: TpuTuning = TpuTuning()) -> tuple[int, int]:
   """``(block_q, block_kv)`` of :func:`attention_forward` for ``rows`` packed query rows over ``keys`` slots.
 
@@ -165,7 +154,7 @@ def attention_forward(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, r
   Returns:
     ``[B, T, H, D]`` in ``q``'s dtype. Not differentiable: ``jax.grad`` raises ``NotImplementedError``.
   """
-  _check_forward_only(q_BTHD, k_BSKD, v_BSKD, ranges)
+  tiles.check_forward_only_inputs("pallas_tpu", q_BTHD, k_BSKD, v_BSKD, ranges)
   batch, length, heads, head_dim = q_BTHD.shape
   keys, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
   group = heads // kv_heads

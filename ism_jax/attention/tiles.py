@@ -47,6 +47,19 @@ def check_kernel_inputs(kernel: str, q_BTHD, k_BSKD, v_BSKD, ranges: MaskRanges)
     raise ValueError(f"{kernel} attention needs the per-key ranges q_lo, q_hi (make_attention_ranges)")
 
 
+def check_forward_only_inputs(name: str, q_BTHD, k_BSKD, v_BSKD, ranges) -> None:
+  """The inputs of a forward-only kernel path (``name`` is named in errors): q ``[B, T, H, D]``, k and v
+  ``[B, S, K, D]`` of one shape, whole query groups per KV head, ranges ``[B, T]``."""
+  if (q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or k_BSKD.shape != v_BSKD.shape
+      or q_BTHD.shape[0] != k_BSKD.shape[0] or q_BTHD.shape[3] != k_BSKD.shape[3]):
+    raise ValueError(f"{name} attention_forward needs q [B, T, H, D] and k, v [B, S, K, D] of one shape; "
+                     f"got q {q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKD.shape}")
+  check_head_groups(q_BTHD, k_BSKD)
+  if ranges.k_lo.shape != q_BTHD.shape[:2] or ranges.k_hi.shape != q_BTHD.shape[:2]:
+    raise ValueError(f"ranges.k_lo and k_hi must have shape {q_BTHD.shape[:2]}, got {ranges.k_lo.shape} "
+                     f"and {ranges.k_hi.shape}")
+
+
 def check_head_groups(q_BTHD, k_BSKD) -> None:
   """Every KV head serves the same number of query heads."""
   if q_BTHD.shape[2] % k_BSKD.shape[2]:
