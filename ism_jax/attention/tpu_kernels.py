@@ -116,6 +116,33 @@ def _forward_kernel(bounds_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_
     lse_ref[...] = m_ref[...] + jnp.log(l)
 
 
+def _forward_call(name: str, q_BXRD, kv_block: tuple, kv_map, num_kv_tiles: int, *, scale: float,
+                  block_q: int, block_kv: int, interpret: bool):
+  """The forward kernel's ``pallas_call`` over queries ``[B, X, R, D]`` (X query or KV heads, R rows).
+
+  Grid ``(B, X, R / block_q, num_kv_tiles)``; the key and value tiles have block shape ``kv_block`` and are
+  located by ``kv_map(b, h, i, j, bounds_ref)``. Outputs ``(out [B, X, R, D], lse [B, X, R, 1] float32)``.
+  """
+  batch, heads, rows, dim = q_BXRD.shape
+  bq = block_q
+  nq = rows // bq
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(batch, heads, nq, num_kv_tiles),
+      in_specs=[pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j, _: (b, h, i, 0)),
+                pl.BlockSpec(kv_block, kv_map),
+                pl.BlockSpec(kv_block, kv_map),
+                pl.BlockSpec((None, bq, 1), lambda b, h, i, j, _: (b, i, 0)),
+                pl.BlockSpec((None, bq, 1), lambda b, h, i, j, _: (b, i, 0))],
+      out_specs=[pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j, _: (b, h, i, 0)),
+                 pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, _: (b, h, i, 0))],
+      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                      pltpu.VMEM((bq, dim), jnp.float32)])
+  kernel = functools.partial(_forward_kernel, scale=scale, num_q_tiles=nq, block_kv=block_kv)
+  out_shape = [jax.ShapeDtypeStruct(q_BXRD.shape, q_BXRD.dtype),
+               jax.ShapeDtypeStruct((batch, heads, rows, 1), jnp.float32)]
+  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, name=name, **_params(interpret))
+
+
 def forward(q_BHTD, k_BKTD, v_BKTD, lo_BT1, hi_BT1, bounds, *, scale: float, tuning: TpuTuning,
             interpret: bool):
   """``(out [B, H, T, D], lse [B, H, T, 1] float32)``; ``bounds`` flattened query-tile bounds."""
@@ -127,22 +154,9 @@ def forward(q_BHTD, k_BKTD, v_BKTD, lo_BT1, hi_BT1, bounds, *, scale: float, tun
   def kv_map(b, h, i, j, bounds_ref):
     return b, h // group, _column_tile(bounds_ref, b * nq + i, j), 0
 
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(batch, heads, nq, nk),
-      in_specs=[pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j, _: (b, h, i, 0)),
-                pl.BlockSpec((None, None, bk, dim), kv_map),
-                pl.BlockSpec((None, None, bk, dim), kv_map),
-                pl.BlockSpec((None, bq, 1), lambda b, h, i, j, _: (b, i, 0)),
-                pl.BlockSpec((None, bq, 1), lambda b, h, i, j, _: (b, i, 0))],
-      out_specs=[pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j, _: (b, h, i, 0)),
-                 pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, _: (b, h, i, 0))],
-      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                      pltpu.VMEM((bq, dim), jnp.float32)])
-  kernel = functools.partial(_forward_kernel, scale=scale, num_q_tiles=nq, block_kv=bk)
-  out_shape = [jax.ShapeDtypeStruct(q_BHTD.shape, q_BHTD.dtype),
-               jax.ShapeDtypeStruct((batch, heads, length, 1), jnp.float32)]
-  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, name="ism_forward",
-                        **_params(interpret))(bounds, q_BHTD, k_BKTD, v_BKTD, lo_BT1, hi_BT1)
+  call = _forward_call("ism_forward", q_BHTD, (None, None, bk, dim), kv_map, nk, scale=scale, block_q=bq,
+                       block_kv=bk, interpret=interpret)
+  return call(bounds, q_BHTD, k_BKTD, v_BKTD, lo_BT1, hi_BT1)
 
 
 def forward_only(q_BKRD, k_BSX, v_BSX, lo_BR1, hi_BR1, bounds, *, scale: float, block_q: int, block_kv: int,
@@ -164,22 +178,9 @@ def forward_only(q_BKRD, k_BSX, v_BSX, lo_BR1, hi_BR1, bounds, *, scale: float, 
   def kv_map(b, h, i, j, bounds_ref):
     return b, _column_tile(bounds_ref, b * nq + i, j), h
 
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(batch, kv_heads, nq, nk),
-      in_specs=[pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j, _: (b, h, i, 0)),
-                pl.BlockSpec((None, bk, dim), kv_map),
-                pl.BlockSpec((None, bk, dim), kv_map),
-                pl.BlockSpec((None, bq, 1), lambda b, h, i, j, _: (b, i, 0)),
-                pl.BlockSpec((None, bq, 1), lambda b, h, i, j, _: (b, i, 0))],
-      out_specs=[pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j, _: (b, h, i, 0)),
-                 pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, _: (b, h, i, 0))],
-      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                      pltpu.VMEM((bq, dim), jnp.float32)])
-  kernel = functools.partial(_forward_kernel, scale=scale, num_q_tiles=nq, block_kv=bk)
-  out_shape = [jax.ShapeDtypeStruct(q_BKRD.shape, q_BKRD.dtype),
-               jax.ShapeDtypeStruct((batch, kv_heads, rows, 1), jnp.float32)]
-  out, _ = pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, name="ism_forward_only",
-                          **_params(interpret))(bounds, q_BKRD, k_BSX, v_BSX, lo_BR1, hi_BR1)
+  call = _forward_call("ism_forward_only", q_BKRD, (None, bk, dim), kv_map, nk, scale=scale, block_q=bq,
+                       block_kv=bk, interpret=interpret)
+  out, _ = call(bounds, q_BKRD, k_BSX, v_BSX, lo_BR1, hi_BR1)
   return out
 
 
