@@ -51,7 +51,7 @@ from ism_jax.masks import MASK_KINDS, SegmentType
 DEFAULT_MAX_PREFILL_TOKENS = 8192
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity (its arrays have no single truth value)
 class Request:
   """One round to answer.
 
