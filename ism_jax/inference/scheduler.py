@@ -49,6 +49,8 @@ from ism_jax.inference.steps import DecodeCall, DecodeState, Prefilled, pack_chu
 from ism_jax.masks import MASK_KINDS, SegmentType
 
 DEFAULT_MAX_PREFILL_TOKENS = 8192
+STAT_NAMES = ("requests", "answers", "cancelled", "evictions", "prefill_tokens", "cached_tokens",
+              "answer_tokens", "decode_tokens", "prefill_calls", "decode_calls", "ticks")
 
 
 @dataclasses.dataclass(eq=False)  # compared by identity (its arrays have no single truth value)
@@ -183,7 +185,8 @@ class Scheduler:
     self._state = DecodeState(*engine.put((np.zeros(batch, np.int32), np.zeros(batch, np.int32),
                                            np.zeros(batch, np.int32), np.ones(batch, bool))))
     self._eot_device = engine.put(np.int32(self._eot))
-    self.stats = collections.Counter()
+    # Counts since the start: requests, answers, tokens prefilled / found in the cache / generated, calls.
+    self.stats = collections.Counter({name: 0 for name in STAT_NAMES})
 
   # --------------------------------------------------------------------------------------------------------
   # Requests.
@@ -201,6 +204,11 @@ class Scheduler:
   def resident(self) -> int:
     """Conversations holding a slot (running or cached)."""
     return sum(c is not None for c in self._slots)
+
+  def cached_dialogues(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The idle resident conversations as ``(tokens [T], segment_types [T])``, most recently used first."""
+    idle = sorted((c for c in self._slots if c is not None and not c.busy), key=lambda c: -c.last_used)
+    return [(c.tokens, c.types) for c in idle]
 
   def submit(self, request: Request) -> int:
     """Queues a request; returns its id. Checks it first.
