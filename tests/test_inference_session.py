@@ -6,7 +6,6 @@ import json
 import os
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -18,7 +17,7 @@ from ism_jax.data.dialogue import Message
 from ism_jax.data.tokenizer import ChatTokenizer
 from ism_jax.inference import ChatBatch, ChatSession, PromptTooLongError, SamplingParams
 from ism_jax.masks import SegmentType
-from ism_jax.training import config as config_lib
+from tests.workdirs import write_workdir
 
 MAX_LEN = 128
 TEXTS = ["hello there", "how are you today?", "fine, thanks. and you?", "the weather is nice",
@@ -38,20 +37,7 @@ def model(tokenizer):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, model, tokenizer):
-  """A training workdir as ism_jax.training.checkpointing lays it out: tokenizer.model + one checkpoint."""
-  path = str(tmp_path_factory.mktemp("run"))
-  tokenizer.save(os.path.join(path, workdir_lib.TOKENIZER_FILE))
-  run_config = config_lib.base_config()
-  run_config.model.update({k: getattr(model.config, k) for k in run_config.model})
-  run_config.data.seq_len = MAX_LEN
-  meta = {"step": 1, "config": json.loads(run_config.to_json())}
-  manager = ocp.CheckpointManager(os.path.join(path, workdir_lib.CHECKPOINT_DIR),
-                                  item_names=workdir_lib.ITEMS)
-  params = nnx.to_pure_dict(nnx.state(model))
-  manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
-  manager.wait_until_finished()
-  manager.close()
-  return path
+  return write_workdir(str(tmp_path_factory.mktemp("run")), model, tokenizer, MAX_LEN)
 
 
 def _session(model, tokenizer, **kwargs):

@@ -69,6 +69,12 @@ def allocate(config: ModelConfig, batch_size: int, max_len: int, mesh: Mesh | No
     return jax.jit(make, out_shardings=cache_shardings(config, batch_size, max_len, mesh, dtype))()
 
 
+def slot_bytes(config: ModelConfig, max_len: int, dtype: Any = None) -> int:
+  """Bytes of keys and values one row of the cache (one conversation of ``max_len`` slots) takes."""
+  itemsize = jnp.dtype(config.dtype if dtype is None else dtype).itemsize
+  return 2 * config.num_layers * max_len * config.num_kv_heads * config.head_dim * itemsize
+
+
 def num_slots(cache) -> int:
   """``S``, the number of slots per row."""
   return int(jax.tree.leaves(cache)[0].shape[_SLOT_AXIS])

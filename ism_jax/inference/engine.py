@@ -272,6 +272,40 @@ class Engine:
     return out
 
   # --------------------------------------------------------------------------------------------------------
+  # Single steps, for a scheduler that owns the rows (ism_jax.inference.scheduler): the engine's host-side
+  # fill is not kept up to date by these.
+  # --------------------------------------------------------------------------------------------------------
+
+  def put(self, tree):
+    """Host values committed to the engine's device (what every step's inputs must be)."""
+    return self._put(tree)
+
+  def prefill_step(self, packed_BX: np.ndarray, sampling, *, window: int, from_start: bool,
+                   all_greedy: bool) -> Prefilled:
+    """One prefill step over all ``B`` rows (chunks packed by :func:`~ism_jax.inference.steps.pack_chunks`;
+    rows with length 0 are untouched)."""
+    return self._prefill_call(packed_BX, sampling, window=window, from_start=from_start,
+                              all_greedy=all_greedy)
+
+  def prefill_rows(self, packed_PX: np.ndarray, rows_P: np.ndarray, sampling, *, window: int,
+                   from_start: bool, all_greedy: bool) -> Prefilled:
+    """One prefill step on the distinct rows ``rows_P`` only (:func:`~ism_jax.inference.steps.prefill_rows`):
+    ``[P]`` first tokens, the other rows untouched."""
+    self.cache, self._key, out = self._run(steps.prefill_rows, self.cache, packed_PX,
+                                           self._put(np.asarray(rows_P, np.int32)), self._key, sampling,
+                                           window=window, from_start=from_start, all_greedy=all_greedy)
+    return out
+
+  def decode_call(self, state: DecodeState, sampling, eot_id, *, all_greedy: bool) -> DecodeCall:
+    """One call of ``decode_steps`` decode steps over all rows (inputs on the device, see :meth:`put`)."""
+    return self._decode_call(state, sampling, eot_id, all_greedy=all_greedy, keep_logits=False)
+
+  @property
+  def slot_bytes(self) -> int:
+    """Bytes of keys and values one row (conversation) of the cache holds: ``max_len`` slots."""
+    return sum(x.nbytes for x in jax.tree.leaves(self.cache)) // self.batch_size
+
+  # --------------------------------------------------------------------------------------------------------
   # One round.
   # --------------------------------------------------------------------------------------------------------
 

@@ -156,7 +156,9 @@ def _decode_steps(leaves, cache, state: DecodeState, key, sampling, eot_id, *, s
   def step(i, carry: _DecodeCarry) -> _DecodeCarry:
     s = carry.state
     key, draw_key = jax.random.split(carry.key)
-    logits_B1V, cache = model.forward(s.token_B[:, None], s.fill_B[:, None], decode_ranges(s.fill_B),
+    # A done row attends to slot 0 only (its output is dropped): idle rows cost no cache reads.
+    seen_B = jnp.where(s.done_B, 0, s.fill_B)
+    logits_B1V, cache = model.forward(s.token_B[:, None], s.fill_B[:, None], decode_ranges(seen_B),
                                       carry.cache, s.fill_B)
     active_B = ~s.done_B
     next_B = jnp.where(active_B, _next_tokens(logits_B1V[:, 0], draw_key, sampling, all_greedy), 0)
@@ -175,13 +177,64 @@ def _decode_steps(leaves, cache, state: DecodeState, key, sampling, eot_id, *, s
   return carry.cache, carry.key, DecodeCall(carry.tokens_BN, carry.state, carry.logits_BNV)
 
 
+_BATCH_AXIS = -4  # every cache array is [..., B, S, K, Dh]
+
+
+def _gather_rows(cache, rows_P):
+  return jax.tree.map(lambda x: jnp.take(x, rows_P, axis=x.ndim + _BATCH_AXIS), cache)
+
+
+def _scatter_rows(cache, rows_P, part):
+  def put(x, p):
+    return x.at[(slice(None),) * (x.ndim + _BATCH_AXIS) + (rows_P,)].set(p)
+  return jax.tree.map(put, cache, part)
+
+
+def _prefill_rows_step(leaves, cache, chunks_PX, rows_P, key, sampling, *, structure: ModelStructure,
+                       window: int, from_start: bool, all_greedy: bool):
+  """:func:`_prefill_step` on ``P`` of the cache's ``B`` rows: rows ``rows_P`` (``[P]`` int32, distinct) are
+  gathered, prefilled with ``chunks_PX`` (row ``p`` of the packed chunks goes to cache row ``rows_P[p]``)
+  and written back; the other rows are untouched. A prefill of a few newly arrived queries then costs ``P``
+  rows, not the whole pool (continuous batching, :mod:`ism_jax.inference.scheduler`).
+
+  Returns:
+    ``(cache, key, Prefilled)`` with ``[P]`` first tokens.
+  """
+  part, key, out = _prefill_step(leaves, _gather_rows(cache, rows_P), chunks_PX, key, sampling,
+                                 structure=structure, window=window, from_start=from_start,
+                                 all_greedy=all_greedy)
+  return _scatter_rows(cache, rows_P, part), key, out
+
+
+def _join_rows(state: DecodeState, rows_P, first_P, join_B, fill_B, remaining_B, stop_B, eot_id
+               ) -> DecodeState:
+  """The decode state with freshly prefilled rows joined, on the device (no host round trip).
+
+  Rows with ``join_B`` take their first answer token (``first_P[p]`` belongs to row ``rows_P[p]``), fill and
+  remaining budget, and are done at once if that token is ``eot_id`` or the budget is spent; rows with
+  ``stop_B`` are stopped; the others keep their state. ``[B]`` arrays, ``rows_P``/``first_P`` ``[P]``.
+  """
+  first_B = jnp.zeros_like(state.token_B).at[rows_P].set(first_P)
+  joined_done_B = (first_B == eot_id) | (remaining_B <= 0)
+  return DecodeState(token_B=jnp.where(join_B, first_B, state.token_B),
+                     fill_B=jnp.where(join_B, fill_B, state.fill_B),
+                     remaining_B=jnp.where(join_B, remaining_B, state.remaining_B),
+                     done_B=jnp.where(join_B, joined_done_B, state.done_B | stop_B))
+
+
 prefill = jax.jit(_prefill_step, static_argnames=("structure", "window", "from_start", "all_greedy"),
                   donate_argnums=1)
+prefill_rows = jax.jit(_prefill_rows_step,
+                       static_argnames=("structure", "window", "from_start", "all_greedy"), donate_argnums=1)
 decode = jax.jit(_decode_steps, static_argnames=("structure", "steps", "all_greedy", "keep_logits"),
                  donate_argnums=1)
+join_rows = jax.jit(_join_rows)
 
 
 def compiled_counts() -> dict[str, int]:
-  """Executables held by the two jitted steps (all engines together): ``{"prefill": n, "decode": m}``."""
-  size = lambda fn: fn._cache_size()  # pylint: disable=protected-access
-  return {"prefill": size(prefill), "decode": size(decode)}
+  """Executables held by the jitted steps (all engines together): ``{"prefill": n, "decode": m,
+  "prefill_rows": p, "join_rows": j}``."""
+  def size(fn):
+    return fn._cache_size()  # pylint: disable=protected-access
+  return {"prefill": size(prefill), "decode": size(decode), "prefill_rows": size(prefill_rows),
+          "join_rows": size(join_rows)}
