@@ -149,30 +149,37 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
       model, tokenizer).ask("hello")
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_request(client, server, model, tokenizer):
-  """The client reads the first event of a long streamed answer and closes the connection: the request is
-  cancelled at the next tick (ticks slowed down here so the answer cannot finish first); others go on."""
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_request(client, server, model, tokenizer, stream):
+  """The client closes the connection during a long answer (streamed: after its first event; not streamed:
+  once the request runs): the request is cancelled at the next tick (ticks slowed down here so the answer
+  cannot finish first); others go on."""
   scheduler = server.worker.scheduler
   step = scheduler.step
   scheduler.step = lambda: (time.sleep(0.02), step())[1]
   try:
     before = _stats(server)["cancelled"]
-    body = json.dumps({"model": "tiny-chat", "stream": True, "max_tokens": 100, "temperature": 0,
+    body = json.dumps({"model": "tiny-chat", "stream": stream, "max_tokens": 100, "temperature": 0,
                        "messages": [{"role": "user", "content": "what time is it"}]}).encode()
     with socket.create_connection((server.host, server.port)) as conn:
       conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+      _wait_for(lambda: _stats(server)["in_flight"], server)
       received = b""
-      while b"data: " not in received:  # the headers, then the first event
+      while stream and b"data: " not in received:  # the headers, then the first event
         received += conn.recv(4096)
-    deadline = time.monotonic() + 20
-    while _stats(server)["cancelled"] == before or _stats(server)["in_flight"]:
-      assert time.monotonic() < deadline, _stats(server)
-      time.sleep(0.02)
+    _wait_for(lambda: _stats(server)["cancelled"] > before and not _stats(server)["in_flight"], server)
   finally:
     scheduler.step = step
   assert _ask(client, [{"role": "user", "content": "hello"}]).choices[0].message.content == _session(
       model, tokenizer).ask("hello")
+
+
+def _wait_for(condition, server, seconds: float = 20.0) -> None:
+  deadline = time.monotonic() + seconds
+  while not condition():
+    assert time.monotonic() < deadline, _stats(server)
+    time.sleep(0.02)
 
 
 def _client_conversation(client, texts):

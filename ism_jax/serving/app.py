@@ -2,8 +2,8 @@
 
 Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions`` (``stream`` true or
 false), and ``GET /stats`` (the scheduler's counters and the slot pool: not part of OpenAI's API). Errors
-are OpenAI's ``{"error": {"message", "type", "param", "code"}}``. A streaming client that goes away stops
-its request at the next scheduler tick and frees its slot.
+are OpenAI's ``{"error": {"message", "type", "param", "code"}}``. A client that goes away, streaming or not,
+stops its request at the next scheduler tick and frees its slot.
 """
 
 from __future__ import annotations
@@ -92,8 +92,32 @@ async def _complete(worker: Worker, handle: Handle, first: Event, model: str) ->
                                event.stop_reason, usage)
 
 
+async def _disconnected(request: Request) -> None:
+  """Returns when the client has gone (the body is read already, so the next message is the disconnect)."""
+  while (await request.receive())["type"] != "http.disconnect":
+    pass
+
+
+async def _unless_gone(awaitable, gone: asyncio.Future):
+  """``awaitable``'s result, or ``None`` if the client went away first (then ``awaitable`` is cancelled)."""
+  task = asyncio.ensure_future(awaitable)
+  await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+  if task.done():
+    return task.result()
+  task.cancel()
+  return None
+
+
 def _error_response(error: APIError) -> JSONResponse:
   return JSONResponse(error.body(), status_code=error.status)
+
+
+def _gone_or_raise(worker: Worker, handle: Handle, started):
+  """The client went away (``started`` is None: cancel its request) or the request failed (raise)."""
+  if started is None:
+    worker.cancel(handle)
+    return JSONResponse({}, status_code=499)  # nobody reads it
+  raise started[1]
 
 
 def create_app(worker: Worker, model_name: str) -> FastAPI:
@@ -135,16 +159,20 @@ def create_app(worker: Worker, model_name: str) -> FastAPI:
     if worker.error is not None or not worker.alive:
       raise APIError(500, f"the serving worker has stopped: {worker.error!r}", type="server_error")
     handle = worker.submit(chat, asyncio.get_running_loop())
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-      kind, first = await handle.results.get()
+      started = await _unless_gone(handle.results.get(), gone)
+      if started is None or started[0] == "error":
+        return _gone_or_raise(worker, handle, started)
+      if chat.stream:  # the stream watches for the client itself
+        return _EventStream(_stream(worker, handle, started[1], model_name), lambda: worker.cancel(handle))
+      completion = await _unless_gone(_complete(worker, handle, started[1], model_name), gone)
+      return completion if completion is not None else _gone_or_raise(worker, handle, None)
     except asyncio.CancelledError:
       worker.cancel(handle)
       raise
-    if kind == "error":
-      raise first
-    if chat.stream:
-      return _EventStream(_stream(worker, handle, first, model_name), lambda: worker.cancel(handle))
-    return await _complete(worker, handle, first, model_name)
+    finally:
+      gone.cancel()
 
   return app
 
