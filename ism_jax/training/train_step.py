@@ -18,6 +18,7 @@ the one-shot step on the same rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -140,6 +141,42 @@ def token_losses(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Ar
   return nll_BT, logits_BTV
 
 
+def chunked_token_nll(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array],
+                      chunk_tokens: int) -> jax.Array:
+  """``nll_BT`` of :func:`token_losses` without the ``[B, T, V]`` float32 logits.
+
+  The final hidden states are cut along time into chunks of ``[B, C]`` tokens, ``C = max(1, chunk_tokens //
+  B)`` (each chunk keeps the batch sharding; the last one is padded), and ``jax.lax.map`` projects one chunk
+  at a time to logits and log-softmax under ``jax.checkpoint``: only ``[B, C, V]`` logits exist at once,
+  and the backward pass recomputes each chunk's logits instead of storing them. The head's gradient is
+  summed over chunks in its own (float32) dtype.
+  """
+  model = nnx.merge(graphdef, params)
+  hidden_BTD = model.final_hidden(batch["tokens"], batch["segment_types"], batch["segment_ids"],
+                                  batch["positions"])
+  targets_BT = jnp.roll(batch["tokens"], -1, axis=1)  # the last position never carries loss
+  batch_size, length, _ = hidden_BTD.shape
+  chunk = max(1, min(length, chunk_tokens // batch_size))
+  count = -(-length // chunk)
+  hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, count * chunk - length), (0, 0)))
+  targets_BT = jnp.pad(targets_BT, ((0, 0), (0, count * chunk - length)))
+  dtype = model.config.dtype
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def chunk_nll(head_DV, hidden_BCD, targets_BC):
+    logits_BCV = jnp.einsum("bcd,dv->bcv", hidden_BCD, head_DV.astype(dtype),
+                            preferred_element_type=jnp.float32)
+    logits_BCV = sharding.constrain(logits_BCV, ("batch", "length", "vocab"))
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BCV, targets_BC)
+
+  def to_chunks(x):  # [B, count * C, ...] -> [count, B, C, ...]
+    return jnp.moveaxis(x.reshape(batch_size, count, chunk, *x.shape[2:]), 1, 0)
+
+  head_DV = model.output_head()
+  nll_NBC = jax.lax.map(lambda xs: chunk_nll(head_DV, *xs), (to_chunks(hidden_BTD), to_chunks(targets_BT)))
+  return jnp.moveaxis(nll_NBC, 0, 1).reshape(batch_size, count * chunk)[:, :length]
+
+
 def attention_pairs(batch: dict[str, jax.Array], kind: str) -> jax.Array:
   """Number of (query, key) pairs the mask allows over the real tokens of the batch (float32 scalar)."""
   ranges = make_attention_ranges(batch["segment_types"], batch["segment_ids"], kind)
@@ -153,16 +190,25 @@ def attention_pairs(batch: dict[str, jax.Array], kind: str) -> jax.Array:
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, kind: str,
-                    grad_accum_steps: int = 1) -> Callable:
+                    grad_accum_steps: int = 1, loss_chunk_tokens: int = 0) -> Callable:
   """``step(state, batch) -> (state, metrics)``, to be jitted (see :func:`jit_train_step`).
+
+  ``loss_chunk_tokens > 0`` computes the loss with :func:`chunked_token_nll` (chunks of about that many
+  tokens; the ``[B, T, V]`` float32 logits never exist), 0 with :func:`token_losses`; the result is the
+  same loss up to float rounding.
 
   ``metrics`` (float32 scalars): ``loss`` (mean over targets), ``grad_norm`` (before clipping),
   ``param_norm`` (global norm of the updated parameters), ``tokens`` (real tokens), ``targets`` (positions
   with loss), ``attention_pairs`` (allowed pairs, for MFU).
   """
+  if loss_chunk_tokens < 0:
+    raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} must be >= 0 (0 = unchunked loss)")
 
   def summed_loss(params, micro, num_targets):
-    nll_BT, _ = token_losses(graphdef, params, micro)
+    if loss_chunk_tokens:
+      nll_BT = chunked_token_nll(graphdef, params, micro, loss_chunk_tokens)
+    else:
+      nll_BT, _ = token_losses(graphdef, params, micro)
     return jnp.sum(nll_BT * micro["loss_mask"].astype(jnp.float32)) / num_targets
 
   grad_fn = jax.value_and_grad(summed_loss)
