@@ -27,6 +27,7 @@ from flax import nnx
 
 from ism_jax import sharding
 from ism_jax.attention import IMPLEMENTATIONS, attention
+from ism_jax.attention.tiles import RESIDUAL_NAMES
 from ism_jax.masks import (
     MASK_KINDS,
     MaskRanges,
@@ -36,7 +37,9 @@ from ism_jax.masks import (
     positions_from_segment_ids,
 )
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# "dots_attn": as "dots_no_batch", and the attention kernels' output and log-sum-exp are kept too, so the
+# backward pass does not run the forward kernel again (ism_jax.attention.tiles.RESIDUAL_NAMES).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attn")
 # Named model sizes for ModelConfig.preset: width, depth and heads (vocabulary, dtypes and the rest stay the
 # config's own). Parameters with a 32k untied vocabulary: 1m 9M (1.0M with 2k tied), 250m 0.25B, 1b 0.98B,
 # 3b 3.0B.
@@ -79,7 +82,7 @@ class ModelConfig:
   # One q/k/v weight [D, K, H/K + 2, Dh] and one gate/up weight [D, 2, M] instead of five: fewer, larger
   # matmuls. Serving converts a trained model with fuse_projections; the Hugging Face converters refuse it.
   fused_projections: bool = False
-  remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+  remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch" | "dots_attn"
 
   def __post_init__(self):
     problems = []
@@ -321,6 +324,9 @@ def _remat(fn, policy: str):
       "full": None,
       "dots": jax.checkpoint_policies.checkpoint_dots,
       "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+      "dots_attn": jax.checkpoint_policies.save_from_both_policies(
+          jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+          jax.checkpoint_policies.save_only_these_names(*RESIDUAL_NAMES)),
   }
   return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
 
