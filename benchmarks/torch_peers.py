@@ -91,7 +91,7 @@ def dense_reference(torch, q, k, v, mask_BTS):
   group = q.shape[1] // k.shape[1]
   k, v = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
   scores = torch.einsum("bhtd,bhsd->bhts", q.float(), k) * q.shape[-1] ** -0.5
-  scores = scores.masked_fill(~torch.as_tensor(mask_BTS)[:, None], float("-inf"))
+  scores = scores.masked_fill(~torch.as_tensor(np.array(mask_BTS, bool))[:, None], float("-inf"))
   return torch.einsum("bhts,bhsd->bhtd", torch.softmax(scores, dim=-1), v)
 
 
