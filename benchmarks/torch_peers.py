@@ -135,7 +135,8 @@ def check_flex_ism(torch, oracle_mask: np.ndarray, segment_types, segment_ids, d
   """Checks the ISM ``mask_mod`` and FlexAttention against the dense oracle mask ``[B, T, T]``.
 
   The mask must equal the oracle at every pair; FlexAttention's float32 output (compiled on a GPU, eager
-  on CPU) must match :func:`dense_reference` on the oracle mask. Returns the largest absolute difference;
+  on CPU) must match :func:`dense_reference` on the oracle mask (to 1e-4 on CPU, 5e-3 on a GPU, where
+  float32 matmuls may run in TF32). Returns the largest absolute difference;
   raises ``AssertionError`` naming the first differing pair or the error.
   """
   mine = dense_mask_from_mask_mod(torch, segment_types, segment_ids)
@@ -151,7 +152,8 @@ def check_flex_ism(torch, oracle_mask: np.ndarray, segment_types, segment_ids, d
   out = flex_ism_attention(torch, compiled=device != "cpu")(q, k, v, block_mask)
   expected = dense_reference(torch, q.cpu(), k.cpu(), v.cpu(), oracle_mask)
   error = float((out.float().cpu() - expected).abs().max())
-  if not error < 1e-4:
+  tolerance = 1e-4 if device == "cpu" else 5e-3  # a GPU may run float32 matmuls in TF32; a mask error is O(1)
+  if not error < tolerance:
     raise AssertionError(f"FlexAttention with the ISM block mask differs from the dense oracle by {error:.3g}"
                          " (largest absolute difference)")
   return error

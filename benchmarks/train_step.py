@@ -310,6 +310,7 @@ def _child(args, extra: list[str], env: dict) -> tuple[dict | None, float, str]:
 def run_levers(args) -> None:
   """``--levers``: every row in its own subprocess, then the peer; prints the table (and ``--json``)."""
   rows = [parse_row(spec) for spec in args.levers]  # refuses a bad spec before anything runs
+  start = time.perf_counter()
   results = []
   for row in rows:
     env = dict(os.environ)
@@ -320,6 +321,7 @@ def run_levers(args) -> None:
     value, wall, note = _child(args, ["--peer_child", "hf_flex"], {**os.environ, "JAX_PLATFORMS": "cpu"})
     results.append(("hf+flex peer", "ism", value, wall, note))
   print_lever_table(results)
+  print(f"\ntotal wall time {time.perf_counter() - start:.0f} s ({len(results)} processes)")
   if args.json:
     _write_json(args.json, {"config": args.config, "rows": [
         {"row": name, "kind": kind, "wall_s": wall, "note": note, **(value or {})}
