@@ -24,6 +24,8 @@ row are joined with ``+``::
 * ``chunked_ce[_N]``     ``training.loss_chunk_tokens = N`` (default 8192): no ``[B, T, V]`` float32 logits
 * ``remat_<policy>``     ``model.remat_policy``: none, full, dots, dots_no_batch or dots_attn
 * ``xla:<flags>``        appended to ``XLA_FLAGS`` (space-separated flags; an unknown flag fails the row)
+* ``fused_proj``         ``model.fused_projections``: one q/k/v matmul and one gate/up matmul per layer
+* ``unrolled``           ``model.scan_layers = False`` (longer compile)
 * ``opt_flat``           Adam's moments over one flattened vector (``optax.flatten(scale_by_adam)``, then
                          weight decay and the schedule as before): one fused update instead of one per tensor
 
@@ -197,6 +199,10 @@ class Row:
   remat_policy: str | None = None  # None: the config's
   xla_flags: str = ""
   opt_flat: bool = False
+  model: dict = dataclasses.field(default_factory=dict)  # model fields set by fused_proj / unrolled
+
+
+MODEL_LEVERS = {"fused_proj": {"fused_projections": True}, "unrolled": {"scan_layers": False}}
 
 
 def parse_row(spec: str) -> Row:
@@ -214,9 +220,12 @@ def parse_row(spec: str) -> Row:
       row.remat_policy = lever[6:]
     elif lever == "opt_flat":
       row.opt_flat = True
+    elif lever in MODEL_LEVERS:
+      row.model.update(MODEL_LEVERS[lever])
     else:
       raise ValueError(f"unknown lever {lever!r} in --levers row {spec!r}; levers: baseline, chunked_ce[_N], "
-                       "remat_<policy>, xla:<flags>, opt_flat, joined with '+', optionally '@causal'")
+                       f"remat_<policy>, xla:<flags>, opt_flat, {', '.join(MODEL_LEVERS)}, joined with '+', "
+                       "optionally '@causal'")
   if row.kind not in ("ism", "causal", "prefix"):
     raise ValueError(f"--levers row {spec!r}: mask {row.kind!r} must be ism, causal or prefix")
   return row
@@ -250,6 +259,7 @@ def run_lever_row(args) -> None:
     config.training.loss_chunk_tokens = row.loss_chunk_tokens
   if row.remat_policy is not None:
     config.model.remat_policy = row.remat_policy
+  config.model.update(row.model)
   batches, _, fill = make_batches(config)
   device = jax.devices()[0]
   describe(config, args, fill, device.device_kind, jax.default_backend())
@@ -320,7 +330,7 @@ def run_levers(args) -> None:
   if args.peer == "hf_flex":
     value, wall, note = _child(args, ["--peer_child", "hf_flex"], {**os.environ, "JAX_PLATFORMS": "cpu"})
     results.append(("hf+flex peer", "ism", value, wall, note))
-  print_lever_table(results)
+  print_lever_table(results, args.peer == "hf_flex")
   print(f"\ntotal wall time {time.perf_counter() - start:.0f} s ({len(results)} processes)")
   if args.json:
     _write_json(args.json, {"config": args.config, "rows": [
@@ -328,7 +338,7 @@ def run_levers(args) -> None:
         for name, kind, value, wall, note in results]})
 
 
-def print_lever_table(results) -> None:
+def print_lever_table(results, peer_requested: bool) -> None:
   peer = next((v["result"] for n, _, v, _, _ in results if n == "hf+flex peer" and v), None)
   print("\n| row | mask | step (ms) | tokens/s | counted TFLOP/s | MFU | peak GiB | speed-up vs HF+Flex "
         "| wall s | device |")
@@ -349,7 +359,7 @@ def print_lever_table(results) -> None:
     print(f"\nism baseline / causal baseline step time: {steps['baseline'] / steps['baseline@causal']:.4f}")
   if peer is not None:
     print(f"\nhf+flex peer: {peer['note']}; speed-up = peer step time / row step time")
-  if peer is None:
+  if peer is None and peer_requested:
     print("\nno HF+Flex peer row (see its note above: torch, transformers or a GPU missing, or it failed)")
 
 
