@@ -439,23 +439,24 @@ def test_chunked_loss_equals_the_unchunked_loss_and_its_gradients(tie_embeddings
   params = nnx.to_pure_dict(state)
   batch = {k: jnp.asarray(v) for k, v in _answer_loss_batch(6, rows=3, length=21).items()}
   assert (batch["segment_types"] == SegmentType.PAD).any() and 0 < batch["loss_mask"].sum() < 3 * 21
-  mask = batch["loss_mask"].astype(jnp.float32)
+  weights = batch["loss_mask"].astype(jnp.float32) / jnp.sum(batch["loss_mask"])
   chunk_sizes = (12, 1, 1000) if not tie_embeddings else (12,)
 
   def loss(params, chunk_tokens):
     if chunk_tokens:
-      nll = ts.chunked_token_nll(graphdef, params, batch, chunk_tokens)
-    else:
-      nll, _ = ts.token_losses(graphdef, params, batch)
-    return jnp.sum(nll * mask) / jnp.sum(mask), nll
+      return ts.chunked_loss(graphdef, params, batch, weights, chunk_tokens)
+    nll, _ = ts.token_losses(graphdef, params, batch)
+    return jnp.sum(nll * weights)
 
-  grad = jax.value_and_grad(loss, has_aux=True)
+  grad = jax.value_and_grad(loss)
   chunked_program = str(jax.make_jaxpr(lambda p: grad(p, 12))(params))
   assert "f32[3,21,96]" not in chunked_program and "f32[3,4,96]" in chunked_program  # [B, C, V] only
-  results = jax.jit(lambda p: [grad(p, c) for c in (0,) + chunk_sizes])(params)  # one compilation
-  (expected, expected_nll), expected_grads = results[0]
-  for chunk_tokens, ((value, nll), grads) in zip(chunk_sizes, results[1:]):
-    np.testing.assert_allclose(nll, expected_nll, rtol=1e-5, atol=1e-6)
+  scaled = jax.grad(lambda p: 3.0 * loss(p, 12))  # the backward pass scales by the incoming cotangent
+  results, scaled_grads = jax.jit(lambda p: ([grad(p, c) for c in (0,) + chunk_sizes], scaled(p)))(params)
+  expected, expected_grads = results[0]
+  for path, g in jax.tree_util.tree_leaves_with_path(scaled_grads):
+    np.testing.assert_allclose(g, 3.0 * _at(expected_grads, path), rtol=1e-5, atol=1e-7)
+  for chunk_tokens, (value, grads) in zip(chunk_sizes, results[1:]):
     np.testing.assert_allclose(value, expected, rtol=1e-6)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
       np.testing.assert_allclose(g, _at(expected_grads, path), rtol=1e-5, atol=1e-7,
