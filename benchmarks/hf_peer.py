@@ -116,6 +116,24 @@ def loss(torch, call, inputs: dict, mask, autocast: bool = True):
     return call(**inputs, attention_mask=mask, use_cache=False).loss
 
 
+CPU_MAX_PARAMS = 50_000_000  # without a GPU the peer runs only configs this small (a smoke run)
+
+
+def unavailable(model_config) -> str:
+  """Why the peer cannot run here ("" when it can): torch or transformers missing, or no GPU for a model
+  larger than :data:`CPU_MAX_PARAMS`."""
+  torch, note = torch_peers.import_torch()
+  if torch is None:
+    return note
+  try:
+    import transformers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError as error:
+    return f"transformers not installed ({error})"
+  if not torch.cuda.is_available() and model_config.num_params() > CPU_MAX_PARAMS:
+    return f"no GPU for torch, and {model_config.num_params() / 1e9:.2f}B parameters are too many for a CPU"
+  return ""
+
+
 def run(config, model_config, batches, steps: int, warmup: int, device: str | None = None) -> dict:
   """Times the peer's train step on ``batches``; ``{"step_ms", "peak_memory_gib", "losses", "device"}``.
 

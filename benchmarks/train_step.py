@@ -277,6 +277,11 @@ def run_peer_row(args) -> None:
   config = config_lib.load_config_file(args.config)
   model_config = config_lib.model_config(config)
   batches, _, _ = make_batches(config)
+  skipped = hf_peer.unavailable(model_config)
+  if skipped:
+    print(f"hf+flex peer skipped: {skipped}", flush=True)
+    _write_json(args.json, {"skipped": skipped})
+    return
   out = hf_peer.run(config, model_config, batches, args.steps, args.warmup)
   timed = [batches[i % len(batches)] for i in range(args.warmup, args.warmup + args.steps)]
   tokens = float(np.mean([(b["segment_types"] != 0).sum() for b in timed]))
@@ -314,7 +319,8 @@ def _child(args, extra: list[str], env: dict) -> tuple[dict | None, float, str]:
     if code or not os.path.exists(out):
       return None, wall, f"failed (exit status {code}; its output is above)"
     with open(out, encoding="utf-8") as f:
-      return json.load(f), wall, ""
+      value = json.load(f)
+    return (None, wall, f"skipped: {value['skipped']}") if "skipped" in value else (value, wall, "")
 
 
 def run_levers(args) -> None:
@@ -322,20 +328,28 @@ def run_levers(args) -> None:
   rows = [parse_row(spec) for spec in args.levers]  # refuses a bad spec before anything runs
   start = time.perf_counter()
   results = []
+
+  def record(name, kind, value, wall, note):  # printed and saved at once: a killed run keeps its rows
+    results.append((name, kind, value, wall, note))
+    summary = note or (f"{value['result']['step_ms']:.1f} ms/step, peak "
+                       f"{value['result']['peak_memory_gib'] or float('nan'):.1f} GiB")
+    print(f"== row {name} ({kind}): {summary}, {wall:.0f} s", flush=True)
+    if args.json:
+      _write_json(args.json, {"config": args.config, "rows": [
+          {"row": n, "kind": k, "wall_s": w, "note": t, **(v or {})} for n, k, v, w, t in results]})
+
   for row in rows:
+    if args.deadline_s and time.perf_counter() - start > args.deadline_s:
+      record(row.spec, row.kind, None, 0.0, f"skipped: past --deadline_s {args.deadline_s}")
+      continue
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + row.xla_flags).strip()
-    value, wall, note = _child(args, ["--row", row.spec], env)
-    results.append((row.spec, row.kind, value, wall, note))
+    record(row.spec, row.kind, *_child(args, ["--row", row.spec], env))
   if args.peer == "hf_flex":
-    value, wall, note = _child(args, ["--peer_child", "hf_flex"], {**os.environ, "JAX_PLATFORMS": "cpu"})
-    results.append(("hf+flex peer", "ism", value, wall, note))
+    record("hf+flex peer", "ism", *_child(args, ["--peer_child", "hf_flex"],
+                                          {**os.environ, "JAX_PLATFORMS": "cpu"}))
   print_lever_table(results, args.peer == "hf_flex")
-  print(f"\ntotal wall time {time.perf_counter() - start:.0f} s ({len(results)} processes)")
-  if args.json:
-    _write_json(args.json, {"config": args.config, "rows": [
-        {"row": name, "kind": kind, "wall_s": wall, "note": note, **(value or {})}
-        for name, kind, value, wall, note in results]})
+  print(f"\ntotal wall time {time.perf_counter() - start:.0f} s ({len(results)} rows)")
 
 
 def print_lever_table(results, peer_requested: bool) -> None:
@@ -420,6 +434,8 @@ def main() -> None:
   parser.add_argument("--peer", choices=("hf_flex", "none"), default="hf_flex",
                       help="with --levers: also time the Hugging Face + FlexAttention peer")
   parser.add_argument("--row_timeout", type=int, default=900, help="seconds one --levers row may take")
+  parser.add_argument("--deadline_s", type=int, default=0,
+                      help="with --levers: skip lever rows that would start after this many seconds")
   parser.add_argument("--row", default="", help=argparse.SUPPRESS)  # a --levers child
   parser.add_argument("--peer_child", default="", help=argparse.SUPPRESS)  # the peer's child
   args = parser.parse_args()
