@@ -98,6 +98,12 @@ def dense_reference(torch, q, k, v, mask_BTS):
 def flex_ism_attention(torch, compiled: bool):
   """``attend(q, k, v, block_mask)`` with FlexAttention (``torch.compile``d when ``compiled``)."""
   from torch.nn.attention.flex_attention import flex_attention  # pylint: disable=import-outside-toplevel
+  # One compilation per shape, layout (mask_mod closure) and grad mode: more than dynamo's default limit of
+  # 8 recompilations of one function, past which it would silently run the unfused eager path.
+  dynamo = torch._dynamo.config  # pylint: disable=protected-access
+  for name in ("recompile_limit", "cache_size_limit"):
+    if hasattr(dynamo, name):
+      setattr(dynamo, name, max(getattr(dynamo, name), 64))
   flex = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
   def attend(q, k, v, block_mask):
