@@ -29,6 +29,8 @@ row are joined with ``+``::
 * ``opt_flat``           Adam's moments over one flattened vector (``optax.flatten(scale_by_adam)``, then
                          weight decay and the schedule as before): one fused update instead of one per tensor
 
+Each row's result is printed (and written to ``--json``) as soon as it finishes; ``--deadline_s`` skips the
+rows that would start later; ``--profile_dir DIR`` traces two extra steps of every row into ``DIR/<row>``.
 After the lever rows the Hugging Face + FlexAttention peer runs on the same batches (``--peer hf_flex``,
 the default; ``benchmarks/hf_peer.py``; a note row where torch, transformers or a GPU is absent), and the
 table gives each row's speed-up over it.
@@ -149,9 +151,10 @@ def flat_adamw(optimizer_config, total_steps: int):
   return optax.chain(*parts)
 
 
-def run_kind(config, kind: str, impl: str, batches, steps: int, warmup: int, peak, opt_flat: bool = False
-             ) -> Result:
-  """Compiles and times the train step of ``config`` under mask ``kind`` with attention ``impl``."""
+def run_kind(config, kind: str, impl: str, batches, steps: int, warmup: int, peak, opt_flat: bool = False,
+             profile_dir: str = "") -> Result:
+  """Compiles and times the train step of ``config`` under mask ``kind`` with attention ``impl``; with
+  ``profile_dir``, two more steps are traced there (``jax.profiler``, for TensorBoard or Perfetto)."""
   model_config = dataclasses.replace(config_lib.model_config(config), mask=kind, attention_impl=impl)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   optimizer = (flat_adamw(config.optimizer, 1000) if opt_flat
@@ -178,6 +181,11 @@ def run_kind(config, kind: str, impl: str, batches, steps: int, warmup: int, pea
       if i >= warmup:
         times.append(elapsed)
         counted.append((metrics["tokens"], metrics["attention_pairs"]))
+    if profile_dir:
+      with jax.profiler.trace(profile_dir):
+        for i in range(2):
+          state, metrics = step(state, device_batches[i % len(device_batches)])
+        jax.block_until_ready(metrics)
   del state, params
   stats = jax.devices()[0].memory_stats() or {}
   peak_memory = stats.get("peak_bytes_in_use", 0) / 2**30 or None
@@ -265,8 +273,10 @@ def run_lever_row(args) -> None:
   describe(config, args, fill, device.device_kind, jax.default_backend())
   print(f"row {row.spec}: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   peak = flops.peak_flops_per_device(device.device_kind, config.metrics.peak_tflops_per_device)
+  name = "".join(c if c.isalnum() or c in "@_" else "-" for c in row.spec)  # the row's trace folder
+  profile_dir = os.path.join(args.profile_dir, name) if args.profile_dir else ""
   result = run_kind(config, row.kind, resolve_impl(args.impl), batches, args.steps, args.warmup, peak,
-                    opt_flat=row.opt_flat)
+                    opt_flat=row.opt_flat, profile_dir=profile_dir)
   result.note = row.spec
   _write_json(args.json, {"device": device.device_kind, "result": dataclasses.asdict(result)})
 
@@ -309,7 +319,8 @@ def _child(args, extra: list[str], env: dict) -> tuple[dict | None, float, str]:
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "row.json")
     command = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--impl", args.impl, "--json", out, *extra]
+               "--warmup", str(args.warmup), "--impl", args.impl, "--json", out,
+               "--profile_dir", args.profile_dir, *extra]
     start = time.perf_counter()
     try:
       code = subprocess.run(command, env=env, timeout=args.row_timeout, check=False).returncode
@@ -436,6 +447,8 @@ def main() -> None:
   parser.add_argument("--row_timeout", type=int, default=900, help="seconds one --levers row may take")
   parser.add_argument("--deadline_s", type=int, default=0,
                       help="with --levers: skip lever rows that would start after this many seconds")
+  parser.add_argument("--profile_dir", default="",
+                      help="with --levers: trace two extra steps of every row under DIR/<row> (jax.profiler)")
   parser.add_argument("--row", default="", help=argparse.SUPPRESS)  # a --levers child
   parser.add_argument("--peer_child", default="", help=argparse.SUPPRESS)  # the peer's child
   args = parser.parse_args()
