@@ -13,7 +13,20 @@ Rows of the table:
 * ``cudnn ism mask``  cuDNN given the dense ``[B, 1, T, T]`` ISM mask
 * ``xla reference``   ``ism_jax.attention.dense_attention`` (dense mask, plain XLA)
 
-By default each row is one long dialogue (``--packed`` packs several per row: fewer allowed pairs).
+By default each row is one long dialogue (``--layouts packed`` packs several per row: fewer allowed pairs;
+``--layouts one packed`` runs both, one table each).
+
+PyTorch peers, timed in the same process after the JAX rows of each length, in the same table (skipped
+with a note where torch or a CUDA device is absent; torch is not a dependency of the project):
+
+* ``torch sdpa cudnn causal``  ``F.scaled_dot_product_attention(..., is_causal=True)`` under
+  ``sdpa_kernel(SDPBackend.CUDNN_ATTENTION)``, bf16 ``[B, H, T, D]``
+* ``torch flex ism``           ``torch.compile(flex_attention)`` with the ISM ``BlockMask`` of the row's own
+  layout (``benchmarks/torch_peers.py``), GQA through ``enable_gqa``
+
+Before anything is timed, the FlexAttention ISM mask and output are checked against the project's dense
+oracle mask on a packed 256-token case with padding (``torch_peers.check_flex_ism``); a mismatch stops
+the run.
 
 Times are medians of ``--reps`` runs after warm-up, in ms; "fwd+bwd" is one jitted step computing the
 output and the gradients of q, k, v. ``ratio`` is time over cuDNN causal's. TFLOP/s count allowed
@@ -36,6 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import torch_peers  # noqa: E402  (imports torch only when asked)
 from ism_jax.attention import attention, dense_attention  # noqa: E402
 from ism_jax.masks import MaskRanges, make_attention_mask, make_attention_ranges  # noqa: E402
 
@@ -106,15 +120,19 @@ def implementations():
   }
 
 
+TORCH_ROWS = {"torch sdpa cudnn causal": "causal", "torch flex ism": "ism"}  # name -> mask of its pairs
+LAYOUTS = {"one": 0.0, "packed": 0.15}  # layout -> probability that a new dialogue starts at a round
+
+
 def _is_oom(error: Exception) -> bool:
   text = str(error)
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text
 
 
-def bench_length(length: int, args) -> list[dict]:
+def bench_length(length: int, args, layout: str = "one") -> list[dict]:
   batch = max(1, args.tokens // length)
   rng = np.random.default_rng(args.seed)
-  types, ids = dialogue_layout(rng, batch, length, new_dialogue_prob=0.15 if args.packed else 0.0)
+  types, ids = dialogue_layout(rng, batch, length, new_dialogue_prob=LAYOUTS[layout])
   ism = make_attention_ranges(jnp.asarray(types), jnp.asarray(ids), "ism")
   causal = make_attention_ranges(jnp.full((batch, length), ANSWER, jnp.int32))
   keys = jax.random.split(jax.random.key(args.seed), 4)
@@ -146,7 +164,83 @@ def bench_length(length: int, args) -> list[dict]:
       jax.clear_caches()
     rows.append(row)
     print(format_row(row, None), flush=True)
+  for name, pair_kind in TORCH_ROWS.items():
+    if args.only and name not in args.only:
+      continue
+    row = {"T": length, "B": batch, "impl": name, "fwd": None, "step": None, "note": "",
+           "flops": 4 * args.head_dim * args.heads * pairs[pair_kind]}
+    row.update(torch_row(name, types, ids, args))
+    rows.append(row)
+    print(format_row(row, None), flush=True)
   return rows
+
+
+def torch_row(name: str, types: np.ndarray, ids: np.ndarray, args) -> dict:
+  """``{"fwd", "step"}`` seconds of a PyTorch peer on the layout, or ``{"note"}`` saying why not."""
+  torch, _ = torch_peers.import_torch()
+  note = torch_peers.cuda_note(torch)
+  if note:
+    return {"note": note}
+  try:
+    batch, length = types.shape
+    gen = torch.Generator(device="cuda").manual_seed(args.seed)
+
+    def randn(heads):
+      return torch.randn(batch, heads, length, args.head_dim, device="cuda", dtype=torch.bfloat16,
+                         generator=gen, requires_grad=True)
+
+    q, k, v = randn(args.heads), randn(args.kv_heads), randn(args.kv_heads)
+    cotangent = torch.randn_like(q).detach()
+    if name == "torch flex ism":
+      attend, extra = torch_peers.flex_ism_attention(torch, compiled=True), torch_peers.ism_block_mask(
+          torch, types, ids, "cuda")
+    else:
+      attend, extra = torch_peers.sdpa_cudnn_causal(torch), None
+      k, v, note = _sdpa_heads(torch, attend, q, k, v)
+
+    def forward():
+      with torch.no_grad():
+        return attend(q, k, v, extra)
+
+    def step():
+      return torch.autograd.grad(attend(q, k, v, extra), (q, k, v), cotangent)
+
+    return {"fwd": torch_peers.median_seconds(torch, forward, args.reps),
+            "step": torch_peers.median_seconds(torch, step, args.reps), "note": note}
+  except Exception as error:  # noqa: BLE001 - a failed row is reported, the run goes on
+    return {"note": "OOM" if _is_oom(error) else f"failed: {type(error).__name__}: {str(error)[:120]}"}
+  finally:
+    q = k = v = cotangent = extra = None
+    torch.cuda.empty_cache()
+
+
+def _sdpa_heads(torch, attend, q, k, v):
+  """``(k, v, note)``: the KV heads as given if cuDNN SDPA takes them (``enable_gqa``), else repeated to the
+  query heads outside the timed calls (and a note saying so)."""
+  try:
+    attend(q, k, v, None)
+    return k, v, ""
+  except RuntimeError:
+    if k.shape[1] == q.shape[1]:
+      raise
+    group = q.shape[1] // k.shape[1]
+    expand = lambda x: x.detach().repeat_interleave(group, dim=1).requires_grad_()
+    return expand(k), expand(v), "cuDNN SDPA refused enable_gqa: k, v repeated to H heads"
+
+
+def flex_check() -> str:
+  """Runs ``torch_peers.check_flex_ism`` against ``make_attention_mask`` (raises on a mismatch); the
+  line to print, or why the check was skipped."""
+  torch, note = torch_peers.import_torch()
+  if torch is None:
+    return f"# flex ism check skipped: {note}"
+  types, ids = torch_peers.check_layout()
+  oracle = np.asarray(make_attention_mask(jnp.asarray(types), jnp.asarray(ids), "ism"))
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  error = torch_peers.check_flex_ism(torch, oracle, types, ids, device=device)
+  return (f"# flex ism check ({device}, torch {torch.__version__}; T=256, packed dialogues and padding, "
+          f"GQA 4/2, float32): mask_mod equals make_attention_mask at every pair, max |out - dense "
+          f"oracle| = {error:.1e}")
 
 
 def format_row(row: dict, baseline: dict | None) -> str:
@@ -161,14 +255,15 @@ def format_row(row: dict, baseline: dict | None) -> str:
 
   base_fwd = baseline["fwd"] if baseline else None
   base_step = baseline["step"] if baseline else None
-  return (f"| {row['T']:6d} | {row['B']:3d} | {row['impl']:15} | {ms(row['fwd'])} | {ms(row['step'])} | "
+  note = f" {row['note']}" if len(row["note"]) > 9 else ""
+  return (f"| {row['T']:6d} | {row['B']:3d} | {row['impl']:23} | {ms(row['fwd'])} | {ms(row['step'])} | "
           f"{ratio(row['fwd'], base_fwd)} | {ratio(row['step'], base_step)} | {tflops(row['fwd'], 1)} | "
-          f"{tflops(row['step'], BWD_FLOP_FACTOR)} |")
+          f"{tflops(row['step'], BWD_FLOP_FACTOR)} |{note}")
 
 
-HEADER = ("|      T |   B | implementation  |    fwd ms |  f+b ms   | ratio fwd | ratio f+b | TFLOP/s fwd "
-          "| TFLOP/s f+b |\n"
-          "|-------:|----:|:----------------|----------:|----------:|-------:|-------:|--------:|--------:|")
+HEADER = ("|      T |   B | implementation          |    fwd ms |  f+b ms   | ratio fwd | ratio f+b | "
+          "TFLOP/s fwd | TFLOP/s f+b |\n"
+          "|-------:|----:|:------------------------|----------:|----------:|-------:|-------:|--------:|--------:|")
 
 
 def kernel_breakdown(length: int, args) -> None:
@@ -217,17 +312,22 @@ def main(argv=None) -> None:
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--reps", type=int, default=10)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--packed", action="store_true", help="pack several dialogues per row")
+  parser.add_argument("--packed", action="store_true", help="the same as --layouts packed")
+  parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=None,
+                      help="one dialogue per row and/or packed dialogues; one table each (default: one)")
+  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer rows and their check")
   parser.add_argument("--breakdown", action="store_true",
                       help="time the kernel's forward, dq and dk/dv passes separately instead of the table")
   parser.add_argument("--tuning", type=_tuning_override, nargs="*", default=[],
                       help="GpuTuning overrides for --breakdown, e.g. dq_block_kv=128")
   parser.add_argument("--only", nargs="*", default=None, help="implementation names to run")
   args = parser.parse_args(argv)
+  args.layouts = args.layouts or (["packed"] if args.packed else ["one"])
+  if args.no_torch:
+    args.only = [name for name in (args.only or [*implementations(), *TORCH_ROWS]) if name not in TORCH_ROWS]
   device = jax.devices()[0]
-  layout = "packed dialogues" if args.packed else "one dialogue per row"
   print(f"# {datetime.date.today()} {device.device_kind}, jax {jax.__version__}, H={args.heads} "
-        f"K={args.kv_heads} D={args.head_dim} bf16, {args.tokens} tokens per step, {layout}", flush=True)
+        f"K={args.kv_heads} D={args.head_dim} bf16, {args.tokens} tokens per step", flush=True)
   args.tuning = dict(args.tuning)
   if args.breakdown:
     print("|      T | tuning | forward | dq | dk/dv |")
@@ -237,15 +337,19 @@ def main(argv=None) -> None:
       except Exception as error:  # noqa: BLE001 - a tuning that does not compile is reported
         print(f"| {length:6d} | {args.tuning} | failed: {type(error).__name__}: {str(error)[:200]} |")
     return
-  all_rows = []
-  for length in args.lengths:
-    all_rows += bench_length(length, args)
-  print("\n" + HEADER)
-  for length in args.lengths:
-    rows = [r for r in all_rows if r["T"] == length]
-    baseline = next((r for r in rows if r["impl"] == "cudnn causal"), None)
-    for row in rows:
-      print(format_row(row, baseline))
+  if not args.only or set(args.only) & set(TORCH_ROWS):
+    print(flex_check(), flush=True)
+  tables = {}
+  for layout in args.layouts:
+    print(f"# layout: {layout}", flush=True)
+    tables[layout] = [row for length in args.lengths for row in bench_length(length, args, layout)]
+  for layout, all_rows in tables.items():
+    print(f"\nlayout: {'one dialogue per row' if layout == 'one' else 'packed dialogues'}\n" + HEADER)
+    for length in args.lengths:
+      rows = [r for r in all_rows if r["T"] == length]
+      baseline = next((r for r in rows if r["impl"] == "cudnn causal"), None)
+      for row in rows:
+        print(format_row(row, baseline))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from flax import nnx
 
 from ism_jax import sharding
 from ism_jax.attention import IMPLEMENTATIONS, attention
+from ism_jax.attention.tiles import RESIDUAL_NAMES
 from ism_jax.masks import (
     MASK_KINDS,
     MaskRanges,
@@ -36,7 +37,9 @@ from ism_jax.masks import (
     positions_from_segment_ids,
 )
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# "dots_attn": as "dots_no_batch", and the attention kernels' output and log-sum-exp are kept too, so the
+# backward pass does not run the forward kernel again (ism_jax.attention.tiles.RESIDUAL_NAMES).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attn")
 # Named model sizes for ModelConfig.preset: width, depth and heads (vocabulary, dtypes and the rest stay the
 # config's own). Parameters with a 32k untied vocabulary: 1m 9M (1.0M with 2k tied), 250m 0.25B, 1b 0.98B,
 # 3b 3.0B.
@@ -79,7 +82,7 @@ class ModelConfig:
   # One q/k/v weight [D, K, H/K + 2, Dh] and one gate/up weight [D, 2, M] instead of five: fewer, larger
   # matmuls. Serving converts a trained model with fuse_projections; the Hugging Face converters refuse it.
   fused_projections: bool = False
-  remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+  remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch" | "dots_attn"
 
   def __post_init__(self):
     problems = []
@@ -321,6 +324,9 @@ def _remat(fn, policy: str):
       "full": None,
       "dots": jax.checkpoint_policies.checkpoint_dots,
       "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+      "dots_attn": jax.checkpoint_policies.save_from_both_policies(
+          jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+          jax.checkpoint_policies.save_only_these_names(*RESIDUAL_NAMES)),
   }
   return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
 
@@ -348,14 +354,19 @@ class Transformer(nnx.Module):
       positions: ``[B, T]`` position within each dialogue; derived from ``segment_ids`` when ``None``.
       kind: mask kind, default ``config.mask``.
     """
+    return self.logits(self.final_hidden(tokens, segment_types, segment_ids, positions, kind))
+
+  def final_hidden(self, tokens, segment_types, segment_ids=None, positions=None, kind: str | None = None):
+    """The final-normed hidden states ``[B, T, D]`` (compute dtype) that :meth:`logits` projects; same
+    arguments as :meth:`__call__`. A loss may project them in chunks instead of building ``[B, T, V]``."""
     check_segment_arrays(segment_types, segment_ids, tokens=tokens, positions=positions)
     kind = self.config.mask if kind is None else kind
     ranges = make_attention_ranges(segment_types, segment_ids, kind)
     if positions is None:
       ids = default_segment_ids(segment_types) if segment_ids is None else segment_ids
       positions = positions_from_segment_ids(ids)
-    logits_BTV, _ = self.forward(tokens, positions, ranges)
-    return logits_BTV
+    x_BTD, _ = self._trunk(tokens, positions, ranges)
+    return self.final_norm(x_BTD)
 
   def forward(self, tokens_BT, positions_BT, ranges: MaskRanges, cache: list[LayerCache] | None = None,
               write_index_B: jax.Array | None = None, logits_at_BN: jax.Array | None = None):
@@ -367,26 +378,32 @@ class Transformer(nnx.Module):
     ``logits_at_BN`` (indices into ``T``) computes logits only there, e.g. at the last token of a prefill
     chunk. Returns ``(logits_BTV, cache)``, or ``(logits_BNV, cache)`` with ``logits_at_BN``.
     """
-    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.config.dtype)
-    x_BTD = sharding.constrain(x_BTD, ("batch", "length", "act_embed"))
-    if self.config.scan_layers:
-      x_BTD, cache = self._scan_blocks(x_BTD, positions_BT, ranges, cache, write_index_B)
-    else:
-      new_cache = []
-      for i, block in enumerate(self.blocks):
-        run = _remat(block.__call__, self.config.remat_policy)
-        x_BTD, layer_cache = run(x_BTD, positions_BT, ranges, None if cache is None else cache[i],
-                                 write_index_B)
-        new_cache.append(layer_cache)
-      cache = None if cache is None else new_cache
+    x_BTD, cache = self._trunk(tokens_BT, positions_BT, ranges, cache, write_index_B)
     if logits_at_BN is not None:
       x_BTD = jnp.take_along_axis(x_BTD, logits_at_BN[:, :, None], axis=1)
     return self.logits(self.final_norm(x_BTD)), cache
 
+  def _trunk(self, tokens_BT, positions_BT, ranges: MaskRanges, cache=None, write_index_B=None):
+    """Embedding and every block: ``(x_BTD, cache)`` before the final norm."""
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.config.dtype)
+    x_BTD = sharding.constrain(x_BTD, ("batch", "length", "act_embed"))
+    if self.config.scan_layers:
+      return self._scan_blocks(x_BTD, positions_BT, ranges, cache, write_index_B)
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      run = _remat(block.__call__, self.config.remat_policy)
+      x_BTD, layer_cache = run(x_BTD, positions_BT, ranges, None if cache is None else cache[i],
+                               write_index_B)
+      new_cache.append(layer_cache)
+    return x_BTD, None if cache is None else new_cache
+
+  def output_head(self) -> jax.Array:
+    """The output projection ``[D, V]`` in the parameter dtype (the embedding transposed when tied)."""
+    return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+
   def logits(self, x_BTD: jax.Array) -> jax.Array:
     """Output projection of final hidden states to float32 vocabulary logits."""
-    head_DV = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
-    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(self.config.dtype),
+    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.output_head().astype(self.config.dtype),
                             preferred_element_type=jnp.float32)
     return sharding.constrain(logits_BTV, ("batch", "length", "vocab"))
 

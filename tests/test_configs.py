@@ -59,6 +59,10 @@ def test_invalid_values_are_refused():
   config.training.global_batch_size, config.training.grad_accum_steps = 6, 4
   with pytest.raises(ValueError, match="global_batch_size=6 must be a multiple of .*grad_accum_steps=4"):
     config_lib.validate(config)
+  config = config_lib.base_config()
+  config.training.loss_chunk_tokens = -1
+  with pytest.raises(ValueError, match="training.loss_chunk_tokens=-1 must be >= 0"):
+    config_lib.validate(config)
 
 
 def test_saved_config_round_trips_through_json():

@@ -209,3 +209,20 @@ def test_num_params_matches_the_model():
     config = ModelConfig.tiny(tie_embeddings=tie, qkv_bias=tie)
     model = Transformer(config, rngs=nnx.Rngs(0))
     assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == config.num_params()
+
+
+@pytest.mark.parametrize("policy, kept", [("dots_no_batch", False), ("dots_attn", True)])
+def test_remat_dots_attn_keeps_the_attention_kernel_residuals(policy, kept, capsys):
+  """Traced only (the GPU kernel is not run on CPU): under "dots_attn" the backward pass reads the kernel's
+  saved output and log-sum-exp instead of running its forward again."""
+  config = ModelConfig.tiny(num_layers=1, head_dim=64, compute_dtype="bfloat16", attention_impl="pallas_gpu",
+                            remat_policy=policy)
+  graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+  types = jnp.ones((1, 128), jnp.int32)
+
+  def loss(state):
+    return nnx.merge(graphdef, state)(jnp.zeros((1, 128), jnp.int32), types).sum()
+
+  jax.ad_checkpoint.print_saved_residuals(loss, state)
+  saved = capsys.readouterr().out
+  assert ("named 'attention_out'" in saved and "named 'attention_lse'" in saved) == kept

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from ism_jax import ModelConfig, Transformer, sharding
-from ism_jax.attention import key_window
+from ism_jax.attention import key_window, pallas_tpu
 from ism_jax.inference import cache as cache_lib
 from ism_jax.inference import engine as engine_lib
 from ism_jax.inference import rewrites, steps
@@ -119,6 +119,19 @@ def test_train_and_eval_steps_lower_with_the_pallas_kernels(chip):
   assert train.nr_devices == evaluation.nr_devices == 4
   assert kernels(train) == {name: SMALL.num_layers for name in TRAIN_KERNELS}
   assert kernels(evaluation) == {"ism_forward": SMALL.num_layers}
+
+
+def test_tpu_tiles_follow_the_device_kind_and_the_sequence():
+  """Default tiles by chip (chosen from published guidance, not run on hardware), clamped to short rows."""
+  for chip, (block_q, block_kv) in {"v5e": (512, 1024), "v6e": (1024, 1024)}.items():
+    with jax.sharding.use_abstract_mesh(tpu_mesh(TPU_KINDS[chip])):
+      assert pallas_tpu.device_kind() == TPU_KINDS[chip]
+      tuning = pallas_tpu.default_tuning(8192)
+    assert (tuning.block_q, tuning.block_kv, tuning.dq_block_q, tuning.dq_block_kv) == (block_q, block_kv) * 2
+    assert (tuning.dkv_block_kv, tuning.dkv_block_q) == (block_q, block_kv)
+    assert pallas_tpu.default_tuning(1000, TPU_KINDS[chip]).block_kv == 512  # clamped: rows of 1000 tokens
+    assert pallas_tpu.default_tuning(100, TPU_KINDS[chip]) == pallas_tpu.TpuTuning(*(128,) * 6)
+  assert pallas_tpu.default_tuning(8192, "cpu") == pallas_tpu.TpuTuning()  # other kinds: 512 x 512
 
 
 @pytest.mark.parametrize("chip", sorted(TPU_KINDS))

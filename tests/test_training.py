@@ -400,14 +400,15 @@ def _answer_loss_batch(seed: int, rows: int = 8, length: int = 32) -> dict[str, 
   return {**batch, "loss_mask": loss_mask.astype(np.int32), "round_index": np.where(ids > 0, rounds, -1)}
 
 
-def _run_steps(mesh, grad_accum_steps: int, batches) -> list[float]:
+def _run_steps(mesh, grad_accum_steps: int, batches, loss_chunk_tokens: int = 0) -> list[float]:
   config = ModelConfig.tiny(vocab_size=64)
   optimizer, _ = make_optimizer(1e-2, total_steps=10, warmup_steps=2, weight_decay=0.1, grad_clip_norm=1.0)
   graphdef, abstract_params, param_shardings = ts.abstract_model(config, mesh)
   shardings = ts.train_state_shardings(optimizer, abstract_params, param_shardings, mesh)
   _, params = ts.init_params(config, mesh, seed=0)
   state = ts.init_train_state(optimizer, params, shardings)
-  step = ts.jit_train_step(ts.make_train_step(graphdef, optimizer, "ism", grad_accum_steps), shardings, mesh)
+  train_step = ts.make_train_step(graphdef, optimizer, "ism", grad_accum_steps, loss_chunk_tokens)
+  step = ts.jit_train_step(train_step, shardings, mesh)
   losses = []
   with jax.set_mesh(mesh):
     for batch in batches:
@@ -422,9 +423,50 @@ def test_one_device_and_eight_devices_give_the_same_losses():
   one = _run_steps(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]), 1, batches)
   eight = _run_steps(sharding.make_mesh(data=2, fsdp=2, tensor=2), 1, batches)
   accumulated = _run_steps(sharding.make_mesh(data=2, fsdp=2, tensor=2), 2, batches)
+  # Chunks of 48 tokens of the [8, 32] batch: [8, 6] slices, the last one padded.
+  chunked = _run_steps(sharding.make_mesh(data=2, fsdp=2, tensor=2), 1, batches, loss_chunk_tokens=48)
   np.testing.assert_allclose(eight, one, rtol=1e-6)  # observed: 1.2e-7, one float32 ulp
   np.testing.assert_allclose(accumulated, one, rtol=1e-6)
+  np.testing.assert_allclose(chunked, one, rtol=1e-6)
   assert one[-1] < one[0]
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_chunked_loss_equals_the_unchunked_loss_and_its_gradients(tie_embeddings):
+  """Chunks of [3, 4] tokens (21 positions: the last chunk is padded), of one token and one whole chunk."""
+  config = ModelConfig.tiny(vocab_size=96, tie_embeddings=tie_embeddings)
+  graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(4)))
+  params = nnx.to_pure_dict(state)
+  batch = {k: jnp.asarray(v) for k, v in _answer_loss_batch(6, rows=3, length=21).items()}
+  assert (batch["segment_types"] == SegmentType.PAD).any() and 0 < batch["loss_mask"].sum() < 3 * 21
+  weights = batch["loss_mask"].astype(jnp.float32) / jnp.sum(batch["loss_mask"])
+  chunk_sizes = (12, 1, 1000) if not tie_embeddings else (12,)
+
+  def loss(params, chunk_tokens):
+    if chunk_tokens:
+      return ts.chunked_loss(graphdef, params, batch, weights, chunk_tokens)
+    nll, _ = ts.token_losses(graphdef, params, batch)
+    return jnp.sum(nll * weights)
+
+  grad = jax.value_and_grad(loss)
+  chunked_program = str(jax.make_jaxpr(lambda p: grad(p, 12))(params))
+  assert "f32[3,21,96]" not in chunked_program and "f32[3,4,96]" in chunked_program  # [B, C, V] only
+  scaled = jax.grad(lambda p: 3.0 * loss(p, 12))  # the backward pass scales by the incoming cotangent
+  results, scaled_grads = jax.jit(lambda p: ([grad(p, c) for c in (0,) + chunk_sizes], scaled(p)))(params)
+  expected, expected_grads = results[0]
+  for path, g in jax.tree_util.tree_leaves_with_path(scaled_grads):
+    np.testing.assert_allclose(g, 3.0 * _at(expected_grads, path), rtol=1e-5, atol=1e-7)
+  for chunk_tokens, (value, grads) in zip(chunk_sizes, results[1:]):
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+      np.testing.assert_allclose(g, _at(expected_grads, path), rtol=1e-5, atol=1e-7,
+                                 err_msg=f"{chunk_tokens} tokens: {jax.tree_util.keystr(path)}")
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
 
 
 def test_eval_step_matches_a_numpy_reference():

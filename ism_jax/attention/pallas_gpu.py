@@ -93,7 +93,7 @@ def _forward(q, k, v, k_lo, k_hi, scale, tuning: GpuTuning, interpret):
 
 
 def _attention_fwd(q, k, v, k_lo, k_hi, q_lo, q_hi, scale, tuning, interpret):
-  out, lse = _forward(q, k, v, k_lo, k_hi, scale, tuning, interpret)
+  out, lse = tiles.name_residuals(*_forward(q, k, v, k_lo, k_hi, scale, tuning, interpret))
   return out, (q, k, v, out, lse, k_lo, k_hi, q_lo, q_hi)
 
 

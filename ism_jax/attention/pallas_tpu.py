@@ -22,6 +22,7 @@ copy). Key tiles past each row tile's largest ``k_hi`` are never fetched.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -36,7 +37,41 @@ _LANES = 128
 
 _SUBLANES = 8
 
-__all__ = ["TpuTuning", "attention", "attention_forward"]
+# Default tiles of the training kernel per TPU generation (device-kind substring, first match wins), for long
+# sequences; :func:`default_tuning` clamps them to the sequence. Chosen from published guidance, not yet run
+# on TPU hardware (docs/KERNELS.md, "TPU tile sizes"): 128-wide tiles leave a v5e mostly idle, so v5e gets
+# 512-row tiles over 1024 columns, v6e (256-wide MXUs) 1024 x 1024; float32 score tiles of that size stay
+# within the default scoped VMEM, so no kernel raises vmem_limit_bytes.
+_V5E_TILES = TpuTuning(block_q=512, block_kv=1024, dq_block_q=512, dq_block_kv=1024, dkv_block_kv=512,
+                       dkv_block_q=1024)
+_V6E_TILES = TpuTuning(block_q=1024, block_kv=1024, dq_block_q=1024, dq_block_kv=1024, dkv_block_kv=1024,
+                       dkv_block_q=1024)
+TILES_BY_DEVICE_KIND = (("TPU v5 lite", _V5E_TILES), ("TPU v5e", _V5E_TILES), ("TPU v6 lite", _V6E_TILES),
+                        ("TPU v6e", _V6E_TILES))
+
+__all__ = ["TILES_BY_DEVICE_KIND", "TpuTuning", "attention", "attention_forward", "default_tuning"]
+
+
+def device_kind() -> str:
+  """The device kind the kernel is built for: the current abstract mesh's (lowering for a TPU from another
+  host), else that of ``jax.devices()[0]``."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  if device is not None and getattr(device, "device_kind", None):
+    return device.device_kind
+  return jax.devices()[0].device_kind
+
+
+def default_tuning(length: int, kind: str | None = None) -> TpuTuning:
+  """The tiles of :data:`TILES_BY_DEVICE_KIND` for ``kind`` (default :func:`device_kind`; ``TpuTuning()``
+  for other kinds), each clamped to the largest power-of-two multiple of 128 not above ``length`` (at least
+  128), so a short sequence is not padded to a long tile."""
+  kind = device_kind() if kind is None else kind
+  tuning = next((t for name, t in TILES_BY_DEVICE_KIND if name.lower() in kind.lower()), TpuTuning())
+  cap = _LANES
+  while cap * 2 <= length:
+    cap *= 2
+  return TpuTuning(**{f.name: min(getattr(tuning, f.name), cap) for f in dataclasses.fields(TpuTuning)})
 
 
 def _row_multiple(tuning: TpuTuning) -> int:
@@ -45,7 +80,7 @@ def _row_multiple(tuning: TpuTuning) -> int:
 
 
 def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: MaskRanges, *,
-              scale: float | None = None, tuning: TpuTuning = TpuTuning(),
+              scale: float | None = None, tuning: TpuTuning | None = None,
               interpret: bool = False) -> jax.Array:
   """Masked attention ``[B, T, H, D]`` from the range form of the mask; differentiable in q, k, v.
 
@@ -54,7 +89,7 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: M
     k_BSKD, v_BSKD: keys and values ``[B, T, K, D]``, ``H % K == 0``.
     ranges: ``MaskRanges`` with all four arrays ``[B, T]`` int32.
     scale: logit scale, default ``D ** -0.5``.
-    tuning: tile sizes (:class:`TpuTuning`).
+    tuning: tile sizes (:class:`TpuTuning`); default :func:`default_tuning` of the device kind and ``T``.
     interpret: run in Pallas interpret mode (any backend).
 
   Returns:
@@ -62,6 +97,7 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, ranges: M
   """
   tiles.check_kernel_inputs("pallas_tpu", q_BTHD, k_BSKD, v_BSKD, ranges)
   length, head_dim = q_BTHD.shape[1], q_BTHD.shape[3]
+  tuning = default_tuning(length) if tuning is None else tuning
   scale = head_dim ** -0.5 if scale is None else float(scale)
   multiple = _row_multiple(tuning)
   padded_len = -(-length // multiple) * multiple
@@ -93,7 +129,7 @@ def _forward(q, k, v, k_lo, k_hi, scale, tuning: TpuTuning, interpret):
 
 
 def _attention_fwd(q, k, v, k_lo, k_hi, q_lo, q_hi, scale, tuning, interpret):
-  out, lse = _forward(q, k, v, k_lo, k_hi, scale, tuning, interpret)
+  out, lse = tiles.name_residuals(*_forward(q, k, v, k_lo, k_hi, scale, tuning, interpret))
   return out, (q, k, v, out, lse, k_lo, k_hi, q_lo, q_hi)
 
 

@@ -29,11 +29,22 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ism_jax.masks import MaskRanges
 
 # Index of each field along the last axis of a bounds array.
 START, FULL_START, FULL_END, END = 0, 1, 2, 3
+
+
+# Names of the differentiable kernels' forward residuals for remat policies (jax.checkpoint_policies names):
+# a policy that saves them keeps the backward pass from running the forward kernel again.
+RESIDUAL_NAMES = ("attention_out", "attention_lse")
+
+
+def name_residuals(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(out, lse)`` of a kernel's forward named :data:`RESIDUAL_NAMES` (identity outside a remat)."""
+  return checkpoint_name(out, RESIDUAL_NAMES[0]), checkpoint_name(lse, RESIDUAL_NAMES[1])
 
 
 def check_kernel_inputs(kernel: str, q_BTHD, k_BSKD, v_BSKD, ranges: MaskRanges) -> None:

@@ -78,6 +78,7 @@ def base_config(model: str | None = None) -> ml_collections.ConfigDict:
   config.training.num_steps = 1000  # optimizer steps in total (the schedule's length)
   config.training.global_batch_size = 8  # packed rows per optimizer step, over all hosts
   config.training.grad_accum_steps = 1  # microbatches per step (jax.lax.scan inside the jitted step)
+  config.training.loss_chunk_tokens = 0  # loss over chunks of this many tokens (no [B, T, V] logits); 0 = off
   config.training.log_every = 10  # steps between metric records (metrics.jsonl, TensorBoard, console)
   config.training.eval_every = 200  # steps between evaluations; 0 = only at the end
   config.training.checkpoint_every = 200  # steps between checkpoints (one is always written at the end)
@@ -193,6 +194,9 @@ def validate(config: ml_collections.ConfigDict, where: str = "config") -> None:
   elif training.global_batch_size % training.grad_accum_steps:
     problems.append(f"training.global_batch_size={training.global_batch_size} must be a multiple of "
                     f"training.grad_accum_steps={training.grad_accum_steps}")
+  if training.loss_chunk_tokens < 0:
+    problems.append(f"training.loss_chunk_tokens={training.loss_chunk_tokens} must be >= 0 (0 = the "
+                    "unchunked loss)")
   for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
     if training[name] < 1:
       problems.append(f"training.{name}={training[name]} must be at least 1")

@@ -332,7 +332,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   graphdef, state, shardings = _restore_or_init(config, model_config, mesh, optimizer, checkpointer, latest,
                                                 data.train)
   start = latest or 0
-  train_step = ts.make_train_step(graphdef, optimizer, model_config.mask, config.training.grad_accum_steps)
+  train_step = ts.make_train_step(graphdef, optimizer, model_config.mask, config.training.grad_accum_steps,
+                                  config.training.loss_chunk_tokens)
   writer = metrics.MetricsWriter(workdir, enabled=primary, tensorboard=config.metrics.tensorboard,
                                  resume_step=start)
   run = _Run(

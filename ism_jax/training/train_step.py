@@ -18,6 +18,7 @@ the one-shot step on the same rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -140,6 +141,69 @@ def token_losses(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Ar
   return nll_BT, logits_BTV
 
 
+def chunked_loss(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array], weights_BT: jax.Array,
+                 chunk_tokens: int) -> jax.Array:
+  """``sum_t weights[t] * nll[t]`` (``nll`` of :func:`token_losses`) without the ``[B, T, V]`` logits.
+
+  The final hidden states are cut along time into chunks of ``[B, C]`` tokens, ``C = max(1, chunk_tokens //
+  B)`` (each chunk keeps the batch sharding; the last one is padded with zero weight). One ``jax.lax.scan``
+  projects a chunk to float32 logits, takes its weighted cross entropy and, in the same pass, that
+  chunk's gradients (``weights * (softmax - onehot)`` times the head, and the head's gradient summed in
+  float32): a ``jax.custom_vjp`` whose backward pass only scales them by the incoming cotangent. So only
+  ``[B, C, V]`` logits exist at once and no matmul is recomputed. ``weights_BT`` is not differentiated.
+  """
+  model = nnx.merge(graphdef, params)
+  hidden_BTD = model.final_hidden(batch["tokens"], batch["segment_types"], batch["segment_ids"],
+                                  batch["positions"])
+  targets_BT = jnp.roll(batch["tokens"], -1, axis=1)  # the last position never carries loss
+  return _weighted_nll(hidden_BTD, model.output_head(), targets_BT, weights_BT.astype(jnp.float32),
+                       chunk_tokens)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _weighted_nll(hidden_BTD, head_DV, targets_BT, weights_BT, chunk_tokens):
+  return _weighted_nll_fwd(hidden_BTD, head_DV, targets_BT, weights_BT, chunk_tokens)[0]
+
+
+def _weighted_nll_fwd(hidden_BTD, head_DV, targets_BT, weights_BT, chunk_tokens):
+  batch_size, length, _ = hidden_BTD.shape
+  chunk = max(1, min(length, chunk_tokens // batch_size))
+  count = -(-length // chunk)
+
+  def to_chunks(x):  # [B, T, ...] -> [count, B, C, ...], zero-padded
+    x = jnp.pad(x, ((0, 0), (0, count * chunk - length)) + ((0, 0),) * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(batch_size, count, chunk, *x.shape[2:]), 1, 0)
+
+  head = head_DV.astype(hidden_BTD.dtype)
+
+  def one_chunk(dhead_DV, xs):
+    hidden_BCD, targets_BC, weights_BC = xs
+    logits_BCV = jnp.einsum("bcd,dv->bcv", hidden_BCD, head, preferred_element_type=jnp.float32)
+    logits_BCV = sharding.constrain(logits_BCV, ("batch", "length", "vocab"))
+    nll_BC = optax.softmax_cross_entropy_with_integer_labels(logits_BCV, targets_BC)
+    onehot_BCV = jax.nn.one_hot(targets_BC, logits_BCV.shape[-1], dtype=jnp.float32)
+    dlogits_BCV = (jax.nn.softmax(logits_BCV, axis=-1) - onehot_BCV) * weights_BC[..., None]
+    dlogits_BCV = dlogits_BCV.astype(head.dtype)  # the compute dtype, as the matmuls of the model
+    dhidden_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, head, preferred_element_type=jnp.float32)
+    dhead_DV += jnp.einsum("bcd,bcv->dv", hidden_BCD, dlogits_BCV, preferred_element_type=jnp.float32)
+    return dhead_DV, (jnp.sum(weights_BC * nll_BC), dhidden_BCD.astype(hidden_BCD.dtype))
+
+  zeros = jnp.zeros(head_DV.shape, jnp.float32)
+  dhead_DV, (losses, dhidden_NBCD) = jax.lax.scan(
+      one_chunk, zeros, (to_chunks(hidden_BTD), to_chunks(targets_BT), to_chunks(weights_BT)))
+  dhidden_BTD = jnp.moveaxis(dhidden_NBCD, 0, 1).reshape(batch_size, count * chunk, -1)[:, :length]
+  return jnp.sum(losses), (dhidden_BTD, dhead_DV.astype(head_DV.dtype))
+
+
+def _weighted_nll_bwd(chunk_tokens, residuals, cotangent):
+  del chunk_tokens
+  dhidden_BTD, dhead_DV = residuals
+  return (cotangent * dhidden_BTD).astype(dhidden_BTD.dtype), cotangent * dhead_DV, None, None
+
+
+_weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
+
+
 def attention_pairs(batch: dict[str, jax.Array], kind: str) -> jax.Array:
   """Number of (query, key) pairs the mask allows over the real tokens of the batch (float32 scalar)."""
   ranges = make_attention_ranges(batch["segment_types"], batch["segment_ids"], kind)
@@ -153,15 +217,24 @@ def attention_pairs(batch: dict[str, jax.Array], kind: str) -> jax.Array:
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, kind: str,
-                    grad_accum_steps: int = 1) -> Callable:
+                    grad_accum_steps: int = 1, loss_chunk_tokens: int = 0) -> Callable:
   """``step(state, batch) -> (state, metrics)``, to be jitted (see :func:`jit_train_step`).
+
+  ``loss_chunk_tokens > 0`` computes the loss and its gradient with :func:`chunked_loss` (chunks of about
+  that many tokens; the ``[B, T, V]`` float32 logits never exist), 0 with :func:`token_losses`; the result
+  is the same loss up to float rounding.
 
   ``metrics`` (float32 scalars): ``loss`` (mean over targets), ``grad_norm`` (before clipping),
   ``param_norm`` (global norm of the updated parameters), ``tokens`` (real tokens), ``targets`` (positions
   with loss), ``attention_pairs`` (allowed pairs, for MFU).
   """
+  if loss_chunk_tokens < 0:
+    raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} must be >= 0 (0 = unchunked loss)")
 
   def summed_loss(params, micro, num_targets):
+    if loss_chunk_tokens:
+      weights_BT = micro["loss_mask"].astype(jnp.float32) / num_targets
+      return chunked_loss(graphdef, params, micro, weights_BT, loss_chunk_tokens)
     nll_BT, _ = token_losses(graphdef, params, micro)
     return jnp.sum(nll_BT * micro["loss_mask"].astype(jnp.float32)) / num_targets
 
