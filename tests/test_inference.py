@@ -1,7 +1,6 @@
 """Inference engine: cache-reuse exactness against the full forward pass, sampling, stopping, compilation
 counts, errors. Tiny float32 model; every engine uses the same shapes so compiled steps are shared."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ from ism_jax.inference import (
 from ism_jax.inference import cache as cache_lib
 from ism_jax.inference import steps as steps_lib
 from ism_jax.inference.sampling import filter_logits
-from tests import fitting
+from tests import fitting, tiny_chat
 from tests.compiles import compile_events
 
 MAX_LEN = 128
@@ -32,25 +31,12 @@ REFERENCE_LEN = MAX_LEN  # dialogues are padded to this length for the (jitted) 
 
 @pytest.fixture(scope="module")
 def model():
-  return Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+  return tiny_chat.tiny_model()
 
 
 @pytest.fixture(scope="module")
 def full_forward(model):
-  """``(tokens [T], types [T], kind) -> logits [T, V]`` of one full-sequence pass, jitted once per kind."""
-  graphdef, state = nnx.split(model)
-
-  @functools.partial(jax.jit, static_argnames="kind")
-  def forward(state, tokens_BT, types_BT, kind):
-    return nnx.merge(graphdef, state)(tokens_BT, types_BT, kind=kind)
-
-  def run(tokens, types, kind):
-    pad = REFERENCE_LEN - tokens.size  # padding at the end is never seen by real tokens
-    tokens_BT = np.pad(tokens, (0, pad))[None]
-    types_BT = np.pad(types, (0, pad), constant_values=SegmentType.PAD)[None]
-    return np.asarray(forward(state, tokens_BT, types_BT, kind))[0, :tokens.size]
-
-  return run
+  return tiny_chat.full_forward(model, REFERENCE_LEN)
 
 
 def _batch(model, kind, eot_id=EOT, **engine_options):

@@ -7,32 +7,26 @@ import os
 
 import numpy as np
 import pytest
-from flax import nnx
 
 import chat
-from ism_jax import ModelConfig, Transformer
 from ism_jax import workdir as workdir_lib
 from ism_jax.data.chat_template import encode_dialogue, encode_query_block
 from ism_jax.data.dialogue import Message
-from ism_jax.data.tokenizer import ChatTokenizer
 from ism_jax.inference import ChatBatch, ChatSession, PromptTooLongError, SamplingParams
 from ism_jax.masks import SegmentType
-from tests.workdirs import write_workdir
+from tests.tiny_chat import tiny_model, train_tokenizer, write_workdir
 
 MAX_LEN = 128
-TEXTS = ["hello there", "how are you today?", "fine, thanks. and you?", "the weather is nice",
-         "what time is it", "it is late; good night", "tell me a story about a cat"] * 20
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tokenizer") / "chat.model"
-  return ChatTokenizer.train(TEXTS, vocab_size=300, model_path=str(path))
+  return train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-  return Transformer(ModelConfig.tiny(vocab_size=tokenizer.vocab_size), rngs=nnx.Rngs(0))
+  return tiny_model(tokenizer.vocab_size)
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,15 @@
 would get alone (DialogueBatch) and the argmax of one full forward pass; prefix reuse, eviction, cancelling
 and compile counts. Tiny float32 model, the shapes of tests/test_inference.py."""
 
-import functools
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from ism_jax import ModelConfig, SegmentType, Transformer
+from ism_jax import SegmentType
 from ism_jax.inference import DialogueBatch, Engine, PromptTooLongError
 from ism_jax.inference import steps as steps_lib
 from ism_jax.inference.scheduler import Request, Scheduler, reusable_prefix, with_answer
+from tests import tiny_chat
 from tests.compiles import compile_events
 
 MAX_LEN = 128
@@ -23,24 +21,14 @@ Q, A = SegmentType.QUERY, SegmentType.ANSWER
 
 @pytest.fixture(scope="module")
 def model():
-  return Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+  return tiny_chat.tiny_model()
 
 
 @pytest.fixture(scope="module")
 def full_argmax(model):
   """``(tokens [T], types [T], kind) -> [T]`` argmax of one full forward pass (padded to MAX_LEN)."""
-  graphdef, state = nnx.split(model)
-
-  @functools.partial(jax.jit, static_argnames="kind")
-  def forward(state, tokens_BT, types_BT, kind):
-    return nnx.merge(graphdef, state)(tokens_BT, types_BT, kind=kind).argmax(-1)
-
-  def run(tokens, types, kind):
-    pad = MAX_LEN - tokens.size
-    types_BT = np.pad(types, (0, pad), constant_values=SegmentType.PAD)[None]
-    return np.asarray(forward(state, np.pad(tokens, (0, pad))[None], types_BT, kind))[0, :tokens.size]
-
-  return run
+  forward = tiny_chat.full_forward(model, MAX_LEN)
+  return lambda tokens, types, kind: forward(tokens, types, kind).argmax(-1)
 
 
 def _scenario(seed, conversations=5, rounds=3):

@@ -15,32 +15,27 @@ import jax
 import numpy as np
 import openai
 import pytest
-from flax import nnx
 
 import serve
-from ism_jax import ModelConfig, SegmentType, Transformer
-from ism_jax.data.tokenizer import ChatTokenizer
+from ism_jax import SegmentType
 from ism_jax.inference import ChatSession
 from ism_jax.inference import cache as cache_lib
 from ism_jax.serving import BackgroundServer
-from tests.workdirs import write_workdir
+from tests.tiny_chat import TEXTS, tiny_model, train_tokenizer, write_workdir
 
 MAX_LEN = 128
 MAX_NEW_TOKENS = 6
 SLOTS = 4
-TEXTS = ["hello there", "how are you today?", "fine, thanks. and you?", "the weather is nice",
-         "what time is it", "it is late; good night", "tell me a story about a cat"] * 20
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tokenizer") / "chat.model"
-  return ChatTokenizer.train(TEXTS, vocab_size=300, model_path=str(path))
+  return train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-  return Transformer(ModelConfig.tiny(vocab_size=tokenizer.vocab_size), rngs=nnx.Rngs(0))
+  return tiny_model(tokenizer.vocab_size)
 
 
 @pytest.fixture(scope="module")
