@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/default
 PYTEST_ARGS ?=
+# pytest-xdist processes (10 min on 2 cores, 15 serially); each test file runs whole on one worker, so its
+# module fixtures compile once. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 
 .PHONY: setup train test clean
 
@@ -22,7 +25,7 @@ train: setup
 	$(PY) train.py --config configs/default.py --workdir $(WORKDIR)
 
 test: setup
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
